@@ -1,0 +1,363 @@
+//! An authenticated QUIC connection and its typed requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use postlog_net::{FrameError, PinnedServer, read_frame};
+use postlog_proto::limits::MAX_MESSAGE_SIZE;
+use postlog_proto::{BlobHash, ErrorCode, LogEntry, LogOffset, Record, Request, Response};
+use quinn::{RecvStream, SendStream};
+
+use crate::LoginUrl;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the server at {server}: {why}")]
+    Unreachable { server: String, why: String },
+    #[error(
+        "the server's certificate does not match the pinned fingerprint: {0}\n\
+         If the server's certificate really changed, log in again with a new URL."
+    )]
+    PinMismatch(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("server error {code:?}: {message}")]
+    Server {
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("setting up TLS: {0}")]
+    Tls(String),
+}
+
+impl ClientError {
+    /// Whether trying again later (reconnecting) can help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Lost(_) => true,
+            ClientError::Server { code: Some(c), .. } => c.is_retryable(),
+            _ => false,
+        }
+    }
+
+    fn from_response(r: Response) -> ClientError {
+        match r {
+            Response::Error { code, message } => ClientError::Server {
+                code: ErrorCode::from_code(code),
+                message,
+            },
+            other => ClientError::Protocol(format!("unexpected response {other:?}")),
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        let s = e.to_string();
+        match e {
+            _ if s.contains("pinned") => ClientError::PinMismatch(s),
+            quinn::ConnectionError::ApplicationClosed(ref c)
+                if c.error_code == postlog_proto::error::close::AUTH_FAILED.into() =>
+            {
+                ClientError::Auth("the server rejected the device credentials".into())
+            }
+            _ => ClientError::Lost(s),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for ClientError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => c.into(),
+            e => ClientError::Lost(e.to_string()),
+        }
+    }
+}
+
+impl From<quinn::ReadError> for ClientError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => c.into(),
+            e => ClientError::Lost(e.to_string()),
+        }
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::End => ClientError::Lost("the server ended the stream".into()),
+            FrameError::Decode(d) => ClientError::Protocol(d.to_string()),
+            FrameError::Read(r) => r.into(),
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A client endpoint for one pinned server. Keep it for the life of the process: it holds
+/// the TLS session tickets that let the next connection send its requests in 0-RTT.
+#[derive(Clone)]
+pub struct Endpoint {
+    ep: quinn::Endpoint,
+    config: quinn::ClientConfig,
+}
+
+impl Endpoint {
+    pub fn new(fingerprint: &str) -> Result<Endpoint> {
+        let provider = postlog_net::crypto_provider();
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer::new(fingerprint, provider)))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![postlog_proto::ALPN.to_vec()];
+        tls.enable_early_data = true;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = postlog_net::transport_config();
+        transport.keep_alive_interval(Some(postlog_net::KEEP_ALIVE));
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let ep = quinn::Endpoint::client(bind).map_err(|e| ClientError::Tls(e.to_string()))?;
+        Ok(Endpoint { ep, config })
+    }
+
+    /// Moves the endpoint to a new local socket (a laptop that changed networks); open
+    /// connections migrate with it.
+    pub fn rebind(&self) -> std::io::Result<()> {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        self.ep.rebind(sock)
+    }
+
+    /// Connects and authenticates. With a session ticket from an earlier connection of this
+    /// endpoint, Auth is sent in 0-RTT.
+    pub async fn connect(&self, login: &LoginUrl) -> Result<Connection> {
+        let unreachable = |why: String| ClientError::Unreachable {
+            server: login.server.clone(),
+            why,
+        };
+        let addr = tokio::net::lookup_host(&login.server)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable("no address".into()))?;
+        let connecting = self
+            .ep
+            .connect_with(self.config.clone(), addr, postlog_net::SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?;
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => match authenticate(&conn, login).await {
+                Ok(head) => Ok(Connection {
+                    conn,
+                    head_at_auth: head,
+                }),
+                Err(e) => {
+                    // Early data rejected (e.g. the server restarted): retry in 1-RTT.
+                    if accepted.await {
+                        return Err(e);
+                    }
+                    let head = authenticate(&conn, login).await?;
+                    Ok(Connection {
+                        conn,
+                        head_at_auth: head,
+                    })
+                }
+            },
+            Err(connecting) => {
+                let conn = connecting.await.map_err(|e| match ClientError::from(e) {
+                    ClientError::Lost(why) => unreachable(why),
+                    other => other,
+                })?;
+                let head = authenticate(&conn, login).await?;
+                Ok(Connection {
+                    conn,
+                    head_at_auth: head,
+                })
+            }
+        }
+    }
+}
+
+async fn authenticate(conn: &quinn::Connection, login: &LoginUrl) -> Result<LogOffset> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let auth = Request::Auth {
+        account: login.account.clone(),
+        device: login.device,
+        secret: login.secret,
+    };
+    send.write_all(&auth.to_frame()).await?;
+    let _ = send.finish();
+    let frame = read_frame(&mut recv).await.map_err(|e| match e {
+        FrameError::Read(quinn::ReadError::ConnectionLost(c)) => ClientError::from(c),
+        e => e.into(),
+    })?;
+    match Response::decode(&frame).map_err(|e| ClientError::Protocol(e.to_string()))? {
+        Response::AuthOk { head } => Ok(head),
+        Response::Error { message, .. } => Err(ClientError::Auth(message)),
+        other => Err(ClientError::Protocol(format!(
+            "unexpected reply to Auth: {other:?}"
+        ))),
+    }
+}
+
+/// An authenticated connection to the server.
+#[derive(Clone)]
+pub struct Connection {
+    conn: quinn::Connection,
+    /// The account's Head when authentication completed.
+    pub head_at_auth: LogOffset,
+}
+
+impl Connection {
+    async fn request(&self, req: &Request) -> Result<(SendStream, RecvStream)> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send.write_all(&req.to_frame()).await?;
+        Ok((send, recv))
+    }
+
+    async fn response(recv: &mut RecvStream) -> Result<Response> {
+        let frame = read_frame(recv).await?;
+        Response::decode(&frame).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// The account's current Head.
+    pub async fn head(&self) -> Result<LogOffset> {
+        let (mut send, mut recv) = self.request(&Request::Head).await?;
+        let _ = send.finish();
+        match Self::response(&mut recv).await? {
+            Response::Head { head } => Ok(head),
+            other => Err(ClientError::from_response(other)),
+        }
+    }
+
+    /// Stores a message; returns its hash, the offset of its Store record and whether it was
+    /// new. Returns only once the server has made it durable.
+    pub async fn store(
+        &self,
+        bytes: &[u8],
+        tags: &[String],
+    ) -> Result<(BlobHash, LogOffset, bool)> {
+        let req = Request::Store {
+            size: bytes.len() as u64,
+            tags: tags.to_vec(),
+        };
+        let (mut send, mut recv) = self.request(&req).await?;
+        // The server may refuse before reading everything (too large): its answer wins.
+        let sent = send.write_all(bytes).await;
+        let _ = send.finish();
+        match Self::response(&mut recv).await {
+            Ok(Response::Stored { hash, offset, new }) => {
+                if hash != BlobHash::of(bytes) {
+                    return Err(ClientError::Protocol(
+                        "server reported a different hash".into(),
+                    ));
+                }
+                Ok((hash, offset, new))
+            }
+            Ok(other) => Err(ClientError::from_response(other)),
+            Err(e) => Err(sent.err().map(ClientError::from).unwrap_or(e)),
+        }
+    }
+
+    /// Fetches a message's bytes, verified against its hash.
+    pub async fn fetch(&self, hash: &BlobHash) -> Result<Vec<u8>> {
+        let (mut send, mut recv) = self.request(&Request::Fetch { hash: *hash }).await?;
+        let _ = send.finish();
+        match Self::response(&mut recv).await? {
+            Response::Blob { size } => read_blob(&mut recv, size, hash).await,
+            other => Err(ClientError::from_response(other)),
+        }
+    }
+
+    /// Opens a Log stream from `from`. With `inline_blobs`, Store entries carry the message.
+    pub async fn log(&self, from: LogOffset, inline_blobs: bool) -> Result<LogStream> {
+        let (send, recv) = self.request(&Request::Log { from, inline_blobs }).await?;
+        Ok(LogStream {
+            send,
+            recv,
+            inline: inline_blobs,
+        })
+    }
+
+    pub fn close(&self) {
+        self.conn
+            .close(postlog_proto::error::close::NORMAL.into(), b"bye");
+    }
+
+    /// Resolves when the connection closes, with the reason.
+    pub async fn closed(&self) -> ClientError {
+        self.conn.closed().await.into()
+    }
+
+    pub fn rtt(&self) -> std::time::Duration {
+        self.conn.rtt()
+    }
+}
+
+async fn read_blob(recv: &mut RecvStream, size: u64, hash: &BlobHash) -> Result<Vec<u8>> {
+    if size > MAX_MESSAGE_SIZE {
+        return Err(ClientError::Protocol(format!(
+            "message of {size} bytes exceeds the limit"
+        )));
+    }
+    let mut buf = vec![0u8; size as usize];
+    recv.read_exact(&mut buf).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => ClientError::Lost("message cut short".into()),
+        quinn::ReadExactError::ReadError(e) => e.into(),
+    })?;
+    if BlobHash::of(&buf) != *hash {
+        return Err(ClientError::Protocol(format!(
+            "message {hash} does not match its hash"
+        )));
+    }
+    Ok(buf)
+}
+
+/// What a Log stream yields.
+#[derive(Debug)]
+pub enum LogItem {
+    /// A record; for inline Store records, the message's verified bytes.
+    Entry(LogEntry, Option<Vec<u8>>),
+    /// Everything below this Head has been sent; later items are live pushes.
+    Live(LogOffset),
+}
+
+/// An open Log stream. Dropping it cancels the stream.
+pub struct LogStream {
+    send: SendStream,
+    recv: RecvStream,
+    inline: bool,
+}
+
+impl LogStream {
+    pub async fn next(&mut self) -> Result<LogItem> {
+        match Connection::response(&mut self.recv).await? {
+            Response::Entry(entry) => {
+                let blob = match (&entry.record, self.inline) {
+                    (Record::Store { hash, size, .. }, true) => {
+                        Some(read_blob(&mut self.recv, *size, hash).await?)
+                    }
+                    _ => None,
+                };
+                Ok(LogItem::Entry(entry, blob))
+            }
+            Response::Live { head } => Ok(LogItem::Live(head)),
+            other => Err(ClientError::from_response(other)),
+        }
+    }
+}
+
+impl Drop for LogStream {
+    fn drop(&mut self) {
+        let _ = self.send.reset(0u32.into());
+        let _ = self.recv.stop(0u32.into());
+    }
+}

@@ -1,0 +1,23 @@
+//! The Postlog client library: keep a complete local copy of an account.
+//!
+//! - [`LoginUrl`] and [`Profile`]: what `postlog login` stores (server, account, device
+//!   secret, pinned certificate fingerprint, Maildir path, cursor).
+//! - [`Connection`]: a QUIC connection to the server, authenticated, with typed requests
+//!   (`head`, `store`, `fetch`, `log`). Certificates are pinned by fingerprint.
+//! - [`Maildir`]: the local replica, written durably in batches (one barrier per batch).
+//! - [`sync`]: the sync engine: Log from the durable cursor, write mail, advance the cursor
+//!   only after what it covers is durable; `watch` keeps going and reconnects.
+//! - [`import`]: store an existing Maildir's messages on the server, many at once.
+//!
+//! Architecture invariant: the cursor on disk never covers a record whose effects are not
+//! durable locally, so a crash at any point followed by another sync converges.
+
+mod connection;
+pub mod import;
+mod maildir;
+mod profile;
+pub mod sync;
+
+pub use connection::{ClientError, Connection, Endpoint, LogItem, LogStream};
+pub use maildir::{Maildir, MaildirError, NewMessage};
+pub use profile::{LoginUrl, Profile, ProfileError};

@@ -1,0 +1,93 @@
+//! QUIC glue shared by the Postlog server and client.
+//!
+//! The protocol crate decides what bytes mean; this crate moves them over quinn streams:
+//! [`read_frame`] / [`write_frame`], the shared [`transport_config`], and TLS: the
+//! self-signed certificate a server makes on first start ([`SelfSigned`]), its SHA-256
+//! [`fingerprint`], and the client's [`PinnedServer`] verifier that accepts exactly the
+//! pinned certificate, as ssh does with host keys.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postlog_proto::{DecodeError, frame};
+use quinn::{RecvStream, SendStream};
+
+mod pin;
+pub use pin::{PinnedServer, fingerprint};
+
+/// Maximum concurrent bidirectional streams a peer may open on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// A connection with no traffic for this long is closed (keep-alives prevent it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Clients send a keep-alive this often while idle (a watching Log stream).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The TLS server name clients use; certificates are pinned, so it is a fixed label.
+pub const SERVER_NAME: &str = "postlog.invalid";
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended cleanly before any byte of a new frame.
+    #[error("stream ended")]
+    End,
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("stream error: {0}")]
+    Read(#[from] quinn::ReadError),
+}
+
+/// Reads one frame's payload. A stream that ends inside a frame is `Truncated`.
+pub async fn read_frame(recv: &mut RecvStream) -> Result<Vec<u8>, FrameError> {
+    let mut header = [0u8; frame::HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Err(FrameError::End),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(DecodeError::Truncated.into()),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let len = frame::payload_len(header)?;
+    let mut payload = vec![0u8; len];
+    match recv.read_exact(&mut payload).await {
+        Ok(()) => Ok(payload),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(DecodeError::Truncated.into()),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
+    }
+}
+
+/// Writes one already framed message.
+pub async fn write_frame(send: &mut SendStream, framed: &[u8]) -> Result<(), quinn::WriteError> {
+    send.write_all(framed).await
+}
+
+/// Transport settings both sides use.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    // Large windows: a full sync is one long stream of mail.
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((32u32 * 1024 * 1024).into());
+    t.send_window(32 * 1024 * 1024);
+    t
+}
+
+/// The ring crypto provider, the only one Postlog links.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A freshly generated self-signed certificate (DER) and its private key (PKCS#8 DER).
+pub struct SelfSigned {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Generates the development certificate a server makes on first start.
+pub fn generate_self_signed(hostnames: Vec<String>) -> Result<SelfSigned, rcgen::Error> {
+    let certified = rcgen::generate_simple_self_signed(hostnames)?;
+    Ok(SelfSigned {
+        cert_pem: certified.cert.pem(),
+        key_pem: certified.key_pair.serialize_pem(),
+    })
+}

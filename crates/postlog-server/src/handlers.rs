@@ -1,0 +1,241 @@
+//! One request per stream: decode, execute, answer.
+
+use std::sync::Arc;
+
+use postlog_net::{FrameError, read_frame};
+use postlog_proto::{BlobHash, ErrorCode, LogOffset, Record, Request, Response};
+use postlog_store::{AccountId, Appended, DeviceId, NewRecord, StoreError};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{oneshot, watch};
+
+use crate::server::Shared;
+
+/// Most log entries read from storage per step of a Log stream.
+const LOG_BATCH: usize = 512;
+
+/// An authenticated connection.
+pub(crate) struct Conn {
+    pub shared: Arc<Shared>,
+    pub account: AccountId,
+    #[allow(dead_code)] // used by Tag (issue #4) for (device, seq) idempotency
+    pub device: DeviceId,
+    /// True once the TLS handshake is complete (no longer replayable 0-RTT data).
+    pub handshake: watch::Receiver<bool>,
+}
+
+/// A failed request: the code and message sent to the client.
+struct Fail(ErrorCode, String);
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TooLarge { .. } => Fail(ErrorCode::TooLarge, e.to_string()),
+            StoreError::CorruptBlob(_) => {
+                tracing::error!(error = %e, "corrupt blob refused");
+                Fail(ErrorCode::Corrupt, e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "storage error");
+                Fail(ErrorCode::Internal, "storage error; try again later".into())
+            }
+        }
+    }
+}
+
+impl From<quinn::WriteError> for Fail {
+    fn from(e: quinn::WriteError) -> Self {
+        Fail(ErrorCode::Internal, format!("write: {e}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for Fail {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Fail(ErrorCode::Internal, format!("task failed: {e}"))
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, Fail>;
+
+pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv: RecvStream) {
+    let outcome = async {
+        let frame = read_frame(&mut recv).await.map_err(|e| match e {
+            FrameError::End => Fail(ErrorCode::Malformed, "empty stream".into()),
+            FrameError::Decode(d) => Fail(d.code(), d.to_string()),
+            FrameError::Read(r) => Fail(ErrorCode::Malformed, r.to_string()),
+        })?;
+        let request = Request::decode(&frame).map_err(|e| Fail(e.code(), e.to_string()))?;
+        if request.is_mutating() {
+            wait_for_handshake(&conn).await?;
+        }
+        match request {
+            Request::Auth { .. } => Err(Fail(ErrorCode::Invalid, "already authenticated".into())),
+            Request::Head => {
+                let head = blocking(&conn, |s, a| s.store.head(a)).await?;
+                send.write_all(&Response::Head { head }.to_frame()).await?;
+                Ok(())
+            }
+            Request::Fetch { hash } => fetch(&conn, &mut send, hash).await,
+            Request::Store { size, tags } => store(&conn, &mut send, &mut recv, size, tags).await,
+            Request::Log { from, inline_blobs } => log(&conn, &mut send, from, inline_blobs).await,
+        }
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(Fail(code, message)) => {
+            tracing::debug!(?code, %message, "request failed");
+            let _ = recv.stop(code.code().into());
+            let _ = send
+                .write_all(&Response::error(code, message).to_frame())
+                .await;
+            let _ = send.finish();
+        }
+    }
+}
+
+async fn wait_for_handshake(conn: &Conn) -> Result {
+    let mut h = conn.handshake.clone();
+    h.wait_for(|done| *done).await.map(|_| ()).map_err(|_| {
+        Fail(
+            ErrorCode::Internal,
+            "connection closed during handshake".into(),
+        )
+    })
+}
+
+/// Runs a storage call on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    conn: &Arc<Conn>,
+    f: impl FnOnce(&Shared, AccountId) -> std::result::Result<T, StoreError> + Send + 'static,
+) -> Result<T> {
+    let c = conn.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&c.shared, c.account)).await??)
+}
+
+async fn fetch(conn: &Arc<Conn>, send: &mut SendStream, hash: BlobHash) -> Result {
+    let bytes = blocking(conn, move |s, a| s.store.read_blob(a, &hash)).await?;
+    let Some(bytes) = bytes else {
+        return Err(Fail(ErrorCode::NotFound, format!("no message {hash}")));
+    };
+    send.write_all(
+        &Response::Blob {
+            size: bytes.len() as u64,
+        }
+        .to_frame(),
+    )
+    .await?;
+    send.write_all(&bytes).await?;
+    Ok(())
+}
+
+async fn store(
+    conn: &Arc<Conn>,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    size: u64,
+    tags: Vec<String>,
+) -> Result {
+    let max = conn.shared.config.max_message_size;
+    if size > max {
+        return Err(Fail(
+            ErrorCode::TooLarge,
+            format!("{size} bytes exceeds the limit of {max}"),
+        ));
+    }
+    let mut writer = blocking(conn, move |s, _| s.store.blob_writer(max)).await?;
+    loop {
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => {
+                if writer.size() + chunk.bytes.len() as u64 > size {
+                    return Err(Fail(
+                        ErrorCode::SizeMismatch,
+                        format!("more than the announced {size} bytes"),
+                    ));
+                }
+                writer.write(&chunk.bytes)?;
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Fail(ErrorCode::Malformed, format!("read: {e}"))),
+        }
+    }
+    if writer.size() != size {
+        return Err(Fail(
+            ErrorCode::SizeMismatch,
+            format!("stream ended after {} of {size} bytes", writer.size()),
+        ));
+    }
+    let blob = tokio::task::spawn_blocking(move || writer.finish()).await??;
+    let (tx, rx) = oneshot::channel::<std::result::Result<Appended, StoreError>>();
+    conn.shared.store.append(
+        conn.account,
+        NewRecord::Store { blob, tags },
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    let appended = rx
+        .await
+        .map_err(|_| Fail(ErrorCode::Internal, "storage writer stopped".into()))??;
+    let reply = Response::Stored {
+        hash: appended.hash,
+        offset: appended.offset,
+        new: appended.new,
+    };
+    send.write_all(&reply.to_frame()).await?;
+    Ok(())
+}
+
+/// Streams records from `from`, then `Live`, then every new record as it is committed.
+/// Ends only when the client stops the stream or the connection closes.
+async fn log(conn: &Arc<Conn>, send: &mut SendStream, mut from: LogOffset, inline: bool) -> Result {
+    let c = conn.clone();
+    let mut heads = tokio::task::spawn_blocking(move || {
+        c.shared.heads.subscribe(c.shared.store.as_ref(), c.account)
+    })
+    .await??;
+    let mut live_sent = false;
+    loop {
+        let head = *heads.borrow_and_update();
+        while from < head {
+            let start = from;
+            let entries = blocking(conn, move |s, a| s.store.read_log(a, start, LOG_BATCH)).await?;
+            let full = entries.len() == LOG_BATCH;
+            for entry in entries {
+                let next = entry.offset + 1;
+                let blob = match (&entry.record, inline) {
+                    (Record::Store { hash, .. }, true) => {
+                        let h = *hash;
+                        let bytes = blocking(conn, move |s, a| s.store.read_blob(a, &h)).await?;
+                        Some(bytes.ok_or_else(|| {
+                            Fail(ErrorCode::Corrupt, format!("message {h} is missing"))
+                        })?)
+                    }
+                    _ => None,
+                };
+                send.write_all(&Response::Entry(entry).to_frame()).await?;
+                if let Some(bytes) = blob {
+                    send.write_all(&bytes).await?;
+                }
+                from = next;
+            }
+            if !full {
+                // Everything below `head` was read; the rest were scrubbed holes.
+                from = from.max(head);
+            }
+        }
+        if !live_sent {
+            send.write_all(&Response::Live { head }.to_frame()).await?;
+            live_sent = true;
+        }
+        tokio::select! {
+            changed = heads.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = send.stopped() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The Postlog server: a QUIC endpoint serving accounts' logs and blobs.
+//!
+//! - [`config`]: the one TOML file (`DATA/postlog.toml`), created with comments on first start.
+//! - [`tls`]: the server certificate (self-signed on first start) and rustls/quinn config.
+//! - [`Server`]: binds the endpoint and serves connections; each connection authenticates on
+//!   its first stream, then every other stream carries one request ([`handlers`]).
+//! - [`push::Heads`]: per-account Head watch channels; the store's writer publishes each
+//!   group commit, and every open Log stream of that account wakes and sends the new records.
+//!
+//! Architecture invariant: handlers never touch files or SQLite directly; they go through
+//! [`postlog_store::Backend`], on blocking threads.
+
+pub mod config;
+mod handlers;
+pub mod push;
+mod server;
+pub mod tls;
+
+pub use config::ServerConfig;
+pub use server::{Server, ServerError};

@@ -1,0 +1,268 @@
+//! The endpoint and the connection loop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use postlog_proto::error::close;
+use postlog_proto::{ErrorCode, Request, Response};
+use postlog_store::{AccountId, Backend, DeviceId, Store};
+use tokio::sync::watch;
+
+use crate::config::{ConfigError, ServerConfig};
+use crate::handlers::{self, Conn};
+use crate::push::Heads;
+use crate::tls::{self, TlsError};
+
+/// How long a new connection may take to authenticate.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Delay before answering a failed authentication (slows guessing; issue #8 adds more).
+pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] postlog_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub(crate) struct Shared {
+    pub store: Arc<dyn Backend>,
+    pub heads: Heads,
+    pub config: ServerConfig,
+    connections: AtomicUsize,
+}
+
+/// A running server endpoint.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    fingerprint: String,
+}
+
+impl Server {
+    /// Opens the data directory (config, certificate, store) and binds the endpoint.
+    /// `listen` overrides the configured address.
+    pub fn start(data: &Path, listen: Option<SocketAddr>) -> Result<Server, ServerError> {
+        let mut config = ServerConfig::load_or_init(data)?;
+        if let Some(l) = listen {
+            config.listen = l;
+        }
+        let identity = tls::load_or_generate(data, &config)?;
+        let fingerprint = identity.fingerprint();
+        let store: Arc<dyn Backend> = Arc::new(Store::open(data)?);
+        let heads = Heads::default();
+        let publisher = heads.clone();
+        store.set_head_watcher(Arc::new(move |account, head| {
+            publisher.publish(account, head)
+        }));
+        let endpoint = quinn::Endpoint::server(tls::quinn_server_config(identity)?, config.listen)
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            store,
+            heads,
+            config,
+            connections: AtomicUsize::new(0),
+        });
+        Ok(Server {
+            endpoint,
+            shared,
+            fingerprint,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// SHA-256 fingerprint of the server certificate.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection and waits (briefly)
+    /// for them to go. Nothing acknowledged depends on this: acks follow durable commits.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                _ = &mut shutdown => break,
+                i = self.endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let shared = self.shared.clone();
+            if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
+                tracing::warn!(remote = %incoming.remote_address(), "connection limit reached");
+                incoming.refuse();
+                continue;
+            }
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(e) = serve_connection(shared.clone(), incoming).await {
+                    tracing::debug!(%remote, error = %e, "connection ended");
+                }
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        self.endpoint
+            .close(close::SHUTDOWN.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> anyhow_like::Result {
+    let connecting = incoming.accept()?;
+    // Accept 0-RTT data: read-only requests run at once; mutating ones wait for `handshake`.
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                accepted.await;
+                let _ = tx.send(true);
+            });
+            (conn, rx)
+        }
+        Err(connecting) => (connecting.await?, watch::channel(true).1),
+    };
+    let Some((account, device)) = authenticate(&shared, &conn).await? else {
+        return Ok(());
+    };
+    let ctx = Arc::new(Conn {
+        shared,
+        account,
+        device,
+        handshake,
+    });
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Ok(()),
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(handlers::serve_stream(ctx, send, recv));
+    }
+}
+
+/// Reads the Auth request from the connection's first stream. `None`: the connection was
+/// closed (bad credentials, protocol violation, or the peer left).
+async fn authenticate(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+) -> anyhow_like::Result<Option<(AccountId, DeviceId)>> {
+    let first = tokio::time::timeout(AUTH_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let frame = postlog_net::read_frame(&mut recv).await;
+        Ok::<_, anyhow_like::Error>((send, frame))
+    })
+    .await;
+    let (mut send, frame) = match first {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            conn.close(
+                close::PROTOCOL_VIOLATION.into(),
+                b"authentication timed out",
+            );
+            return Ok(None);
+        }
+    };
+    let request = match frame
+        .map_err(|e| e.to_string())
+        .and_then(|f| Request::decode(&f).map_err(|e| e.to_string()))
+    {
+        Ok(Request::Auth {
+            account,
+            device,
+            secret,
+        }) => (account, device, secret),
+        Ok(_) | Err(_) => {
+            let msg = "the first stream of a connection must carry a valid Auth request";
+            let _ = send
+                .write_all(&Response::error(ErrorCode::Unauthenticated, msg).to_frame())
+                .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            conn.close(close::PROTOCOL_VIOLATION.into(), msg.as_bytes());
+            return Ok(None);
+        }
+    };
+    let (account, device, secret) = request;
+    let store = shared.store.clone();
+    let name = account.clone();
+    let verdict = tokio::task::spawn_blocking(move || -> Result<_, postlog_store::StoreError> {
+        let id = store.authenticate(&name, device, &secret)?;
+        match id {
+            Some(id) => Ok(Some((id, store.head(id)?))),
+            None => Ok(None),
+        }
+    })
+    .await
+    .map_err(|e| anyhow_like::Error(e.to_string()))?;
+    match verdict {
+        Ok(Some((id, head))) => {
+            send.write_all(&Response::AuthOk { head }.to_frame())
+                .await?;
+            let _ = send.finish();
+            tracing::debug!(%account, device, "authenticated");
+            Ok(Some((id, device)))
+        }
+        Ok(None) => {
+            tracing::info!(%account, device, remote = %conn.remote_address(), "authentication failed");
+            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+            let msg = "authentication failed: unknown account or device, or wrong secret";
+            let _ = send
+                .write_all(&Response::error(ErrorCode::AuthFailed, msg).to_frame())
+                .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            conn.close(close::AUTH_FAILED.into(), b"authentication failed");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "authentication: storage error");
+            let _ = send
+                .write_all(&Response::error(ErrorCode::Internal, "storage error").to_frame())
+                .await;
+            let _ = send.finish();
+            conn.close(close::SHUTDOWN.into(), b"storage error");
+            Ok(None)
+        }
+    }
+}
+
+/// A tiny error type for the connection loop, which only logs its errors.
+mod anyhow_like {
+    #[derive(Debug)]
+    pub struct Error(pub String);
+    impl std::fmt::Display for Error {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl<E: std::error::Error> From<E> for Error {
+        fn from(e: E) -> Self {
+            Error(e.to_string())
+        }
+    }
+    pub type Result<T = ()> = std::result::Result<T, Error>;
+}

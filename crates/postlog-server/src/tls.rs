@@ -1,0 +1,107 @@
+//! The server certificate: loaded from PEM files, generated self-signed on first start.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+use crate::config::ServerConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {why}")]
+    Pem { path: String, why: String },
+    #[error("generating the self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The certificate chain and key the server presents.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// SHA-256 fingerprint of the end-entity certificate (what clients pin).
+    pub fn fingerprint(&self) -> String {
+        self.chain
+            .first()
+            .map(|c| postlog_net::fingerprint(c))
+            .unwrap_or_default()
+    }
+}
+
+/// Loads the configured certificate and key, generating a self-signed pair when neither
+/// file exists yet.
+pub fn load_or_generate(data: &Path, cfg: &ServerConfig) -> Result<Identity, TlsError> {
+    let cert_path = data.join(&cfg.cert);
+    let key_path = data.join(&cfg.key);
+    let io = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| TlsError::Io { path, source }
+    };
+    if !cert_path.exists() && !key_path.exists() {
+        let mut names = vec![
+            "localhost".to_string(),
+            postlog_net::SERVER_NAME.to_string(),
+        ];
+        if !names.contains(&cfg.public_host) {
+            names.push(cfg.public_host.clone());
+        }
+        let pair = postlog_net::generate_self_signed(names)?;
+        write_private(&key_path, pair.key_pem.as_bytes()).map_err(io(&key_path))?;
+        std::fs::write(&cert_path, pair.cert_pem).map_err(io(&cert_path))?;
+        tracing::info!(cert = %cert_path.display(), "generated a self-signed certificate");
+    }
+    let pem = |p: &Path, why: String| TlsError::Pem {
+        path: p.display().to_string(),
+        why,
+    };
+    let chain = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(|e| pem(&cert_path, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(&cert_path, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(pem(&cert_path, "no certificate found".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| pem(&key_path, e.to_string()))?;
+    Ok(Identity { chain, key })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// The quinn server configuration: TLS 1.3 only, Postlog's ALPN, 0-RTT enabled.
+pub fn quinn_server_config(id: Identity) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = postlog_net::crypto_provider();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(id.chain, id.key)?;
+    tls.alpn_protocols = vec![postlog_proto::ALPN.to_vec()];
+    // 0-RTT on, deliberately: quinn requires exactly u32::MAX here to accept early data.
+    // Mutating requests still wait for the handshake (docs/PROTOCOL.md, 0-RTT profile).
+    tls.max_early_data_size = u32::MAX;
+    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(16_384);
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(postlog_net::transport_config()));
+    Ok(cfg)
+}

@@ -1,0 +1,71 @@
+//! The SQLite schema and connection setup.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::Result;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    address TEXT PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    secret_hash BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+-- The metadata log. body is the record's CBOR (docs/PROTOCOL.md); checksum is the first
+-- 8 bytes of BLAKE3(account_id LE64 || offset LE64 || body), so a record that is damaged
+-- or moved is detected. A scrubbed record keeps its row with kind = 255 and an empty body.
+CREATE TABLE IF NOT EXISTS log (
+    account_id INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    checksum BLOB NOT NULL,
+    PRIMARY KEY (account_id, offset)
+) WITHOUT ROWID;
+-- Derived from the log: which messages an account holds, at which Store offset.
+CREATE TABLE IF NOT EXISTS blobs (
+    account_id INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    offset INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (account_id, hash)
+) WITHOUT ROWID;
+";
+
+pub(crate) fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // WAL with synchronous=FULL fsyncs the WAL on every commit: a committed record survives
+    // power loss. (NORMAL, the WAL default, does not.)
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+pub(crate) fn checksum(account: i64, offset: u64, body: &[u8]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(&account.to_le_bytes());
+    h.update(&offset.to_le_bytes());
+    h.update(body);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
+}
+
+/// Kind number stored for a scrubbed (emptied) record.
+pub(crate) const KIND_SCRUBBED: i64 = 255;

@@ -1,0 +1,618 @@
+//! The embedded backend: SQLite log + file blobs, with a group-committing writer thread.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use postlog_proto::{BlobHash, LogEntry, LogOffset, Record};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::accounts::{self, AccountId, DeviceId};
+use crate::blobs::{self, BlobWriter, StagedBlob};
+use crate::db::{self, KIND_SCRUBBED};
+use crate::{Result, StoreError, fsync_dir, now_ms};
+
+/// Most appends committed in one transaction.
+const MAX_GROUP: usize = 1024;
+
+/// A record to append.
+#[derive(Debug)]
+pub enum NewRecord {
+    /// A message: placed in the blob store and recorded, unless the account already holds it.
+    Store { blob: StagedBlob, tags: Vec<String> },
+}
+
+/// The outcome of an append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub hash: BlobHash,
+    pub offset: LogOffset,
+    /// False when nothing was appended because the record already existed (idempotency).
+    pub new: bool,
+}
+
+/// Called after every group commit with each touched account and its new Head.
+pub type HeadWatcher = Arc<dyn Fn(AccountId, LogOffset) + Send + Sync>;
+
+type Done = Box<dyn FnOnce(Result<Appended>) + Send>;
+
+struct Job {
+    account: AccountId,
+    record: NewRecord,
+    done: Done,
+}
+
+/// The storage interface the server is written against. All methods block; async callers
+/// run them on a blocking thread. `append` reports through `done`, called from the writer.
+pub trait Backend: Send + Sync + 'static {
+    fn authenticate(
+        &self,
+        account: &str,
+        device: DeviceId,
+        secret: &[u8; 32],
+    ) -> Result<Option<AccountId>>;
+    fn head(&self, account: AccountId) -> Result<LogOffset>;
+    /// Up to `max` live entries at offsets >= `from` (scrubbed offsets are skipped).
+    fn read_log(&self, account: AccountId, from: LogOffset, max: usize) -> Result<Vec<LogEntry>>;
+    fn blob_writer(&self, max_size: u64) -> Result<BlobWriter>;
+    fn append(&self, account: AccountId, record: NewRecord, done: Done);
+    /// The verified bytes of a message the account holds; `None` if it holds no such message.
+    fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>>;
+    fn set_head_watcher(&self, watcher: HeadWatcher);
+}
+
+/// The embedded store rooted at a data directory.
+pub struct Store {
+    /// Held for the life of the store: one server per data directory.
+    _lock: std::fs::File,
+    root: PathBuf,
+    writer: Mutex<mpsc::Sender<Job>>,
+    readers: Mutex<Vec<Connection>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    heads: Mutex<HashMap<AccountId, LogOffset>>,
+    watcher: Mutex<Option<HeadWatcher>>,
+    stopped: Mutex<Option<String>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root`. Removes staged blobs left by a crash:
+    /// they were never acknowledged.
+    pub fn open(root: &Path) -> Result<Store> {
+        for d in ["tmp", "blobs"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| StoreError::io(&p, e))?;
+        }
+        let lock = lock_exclusive(root)?;
+        let tmp = root.join("tmp");
+        for entry in std::fs::read_dir(&tmp)
+            .map_err(|e| StoreError::io(&tmp, e))?
+            .flatten()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let conn = db::open(&root.join("postlog.db"))?;
+        conn.execute_batch(db::SCHEMA)?;
+        let shared = Arc::new(Shared {
+            heads: Mutex::new(HashMap::new()),
+            watcher: Mutex::new(None),
+            stopped: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let writer_root = root.to_owned();
+        std::thread::Builder::new()
+            .name("postlog-log-writer".into())
+            .spawn(move || writer_loop(conn, writer_root, rx, writer_shared))
+            .map_err(|e| StoreError::io(root, e))?;
+        Ok(Store {
+            _lock: lock,
+            root: root.to_owned(),
+            writer: Mutex::new(tx),
+            readers: Mutex::new(Vec::new()),
+            shared,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.readers.lock().map_err(poisoned)?.pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => db::open(&self.root.join("postlog.db"))?,
+        };
+        let out = f(&conn);
+        self.readers.lock().map_err(poisoned)?.push(conn);
+        out
+    }
+
+    /// Whether a device exists and is not revoked (checked on every new connection and
+    /// periodically on open ones).
+    pub fn device_active(&self, device: DeviceId) -> Result<bool> {
+        self.with_reader(|c| {
+            let r: Option<i64> = c
+                .query_row(
+                    "SELECT revoked FROM devices WHERE id = ?1",
+                    [device as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(r == Some(0))
+        })
+    }
+
+    pub fn account_id(&self, name: &str) -> Result<AccountId> {
+        self.with_reader(|c| accounts::account_id(c, name))
+    }
+
+    /// Appends and waits: a blocking convenience over [`Backend::append`].
+    pub fn append_blocking(&self, account: AccountId, record: NewRecord) -> Result<Appended> {
+        let (tx, rx) = mpsc::channel();
+        self.append(
+            account,
+            record,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Stopped("writer thread ended".into())))
+    }
+}
+
+/// Takes `postlog.lock` so that a second server on the same directory fails cleanly.
+fn lock_exclusive(root: &Path) -> Result<std::fs::File> {
+    let path = root.join("postlog.lock");
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(&path, e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        StoreError::Invalid {
+            what: "data directory",
+            why: format!("{} is in use by another postlog server", root.display()),
+        }
+    })?;
+    Ok(f)
+}
+
+fn poisoned<T>(_: T) -> StoreError {
+    StoreError::Stopped("a storage lock was poisoned by a panic".into())
+}
+
+impl Backend for Store {
+    fn authenticate(
+        &self,
+        account: &str,
+        device: DeviceId,
+        secret: &[u8; 32],
+    ) -> Result<Option<AccountId>> {
+        self.with_reader(|c| accounts::authenticate(c, account, device, secret))
+    }
+
+    fn head(&self, account: AccountId) -> Result<LogOffset> {
+        if let Some(h) = self.shared.heads.lock().map_err(poisoned)?.get(&account) {
+            return Ok(*h);
+        }
+        let h = self.with_reader(|c| head_from_db(c, account))?;
+        // Only insert if the writer has not meanwhile recorded a newer head.
+        let mut heads = self.shared.heads.lock().map_err(poisoned)?;
+        Ok(*heads.entry(account).or_insert(h))
+    }
+
+    fn read_log(&self, account: AccountId, from: LogOffset, max: usize) -> Result<Vec<LogEntry>> {
+        let head = self.head(account)?;
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT offset, time_ms, kind, body, checksum FROM log
+                 WHERE account_id = ?1 AND offset >= ?2 AND offset < ?3 AND kind != ?4
+                 ORDER BY offset LIMIT ?5",
+            )?;
+            let mut rows = stmt.query(params![
+                account,
+                from.min(i64::MAX as u64) as i64,
+                head as i64,
+                KIND_SCRUBBED,
+                max as i64
+            ])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let offset = row.get::<_, i64>(0)? as u64;
+                let body: Vec<u8> = row.get(3)?;
+                let sum: Vec<u8> = row.get(4)?;
+                let corrupt = |why: String| StoreError::CorruptRecord {
+                    account: account.to_string(),
+                    offset,
+                    why,
+                };
+                if sum.as_slice() != db::checksum(account, offset, &body) {
+                    return Err(corrupt("checksum mismatch".into()));
+                }
+                let record = Record::decode(&body).map_err(|e| corrupt(e.to_string()))?;
+                out.push(LogEntry {
+                    offset,
+                    time_ms: row.get::<_, i64>(1)? as u64,
+                    record,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn blob_writer(&self, max_size: u64) -> Result<BlobWriter> {
+        BlobWriter::create(&self.root.join("tmp"), max_size)
+    }
+
+    fn append(&self, account: AccountId, record: NewRecord, done: Done) {
+        let job = Job {
+            account,
+            record,
+            done,
+        };
+        let sent = match self.writer.lock() {
+            Ok(w) => w.send(job).map_err(|e| e.0),
+            Err(_) => Err(job),
+        };
+        if let Err(job) = sent {
+            (job.done)(Err(StoreError::Stopped("writer thread ended".into())));
+        }
+    }
+
+    fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>> {
+        let held: bool = self.with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
+                params![account, hash.0.as_slice()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+        })?;
+        if !held {
+            return Ok(None);
+        }
+        blobs::read_verified(&blobs::blob_path(&self.root, account, hash), hash)
+    }
+
+    fn set_head_watcher(&self, watcher: HeadWatcher) {
+        if let Ok(mut w) = self.shared.watcher.lock() {
+            *w = Some(watcher);
+        }
+    }
+}
+
+fn head_from_db(c: &Connection, account: AccountId) -> Result<LogOffset> {
+    let h: i64 = c.query_row(
+        "SELECT COALESCE(MAX(offset) + 1, 0) FROM log WHERE account_id = ?1",
+        [account],
+        |r| r.get(0),
+    )?;
+    Ok(h as u64)
+}
+
+/// The single writer: takes every waiting append, commits them in one transaction after
+/// making their blobs durable, then answers them all.
+fn writer_loop(mut conn: Connection, root: PathBuf, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let stopped = shared.stopped.lock().ok().and_then(|s| s.clone());
+        if let Some(why) = stopped {
+            for job in batch {
+                (job.done)(Err(StoreError::Stopped(why.clone())));
+            }
+            continue;
+        }
+        let (dones, results) = commit_group(&mut conn, &root, batch, &shared);
+        let watcher = shared.watcher.lock().ok().and_then(|w| w.clone());
+        let mut touched: HashMap<AccountId, LogOffset> = HashMap::new();
+        match results {
+            Ok(results) => {
+                if let Ok(heads) = shared.heads.lock() {
+                    for (account, _) in &results {
+                        if let Some(h) = heads.get(account) {
+                            touched.insert(*account, *h);
+                        }
+                    }
+                }
+                for (done, (_, r)) in dones.into_iter().zip(results) {
+                    done(Ok(r));
+                }
+                if let Some(w) = watcher {
+                    for (account, head) in touched {
+                        w(account, head);
+                    }
+                }
+            }
+            Err((e, fatal)) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, fatal, "group commit failed");
+                if fatal && let Ok(mut s) = shared.stopped.lock() {
+                    *s = Some(msg.clone());
+                }
+                for done in dones {
+                    done(Err(StoreError::Stopped(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+type GroupResult = std::result::Result<Vec<(AccountId, Appended)>, (StoreError, bool)>;
+
+fn commit_group(
+    conn: &mut Connection,
+    root: &Path,
+    batch: Vec<Job>,
+    shared: &Shared,
+) -> (Vec<Done>, GroupResult) {
+    let mut dones = Vec::with_capacity(batch.len());
+    let mut work = Vec::with_capacity(batch.len());
+    for job in batch {
+        dones.push(job.done);
+        work.push((job.account, job.record));
+    }
+    let result = (|| -> GroupResult {
+        let not_fatal = |e: StoreError| (e, false);
+        let tx = conn.transaction().map_err(|e| not_fatal(e.into()))?;
+        let mut heads: HashMap<AccountId, LogOffset> = HashMap::new();
+        let mut placed: HashMap<(AccountId, BlobHash), LogOffset> = HashMap::new();
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut out = Vec::with_capacity(work.len());
+        let now = now_ms();
+        for (account, record) in work {
+            let head = match heads.get(&account) {
+                Some(h) => *h,
+                None => head_from_db(&tx, account).map_err(not_fatal)?,
+            };
+            match record {
+                NewRecord::Store { blob, tags } => {
+                    let hash = blob.hash;
+                    let existing: Option<i64> = match placed.get(&(account, hash)) {
+                        Some(o) => Some(*o as i64),
+                        None => tx
+                            .query_row(
+                                "SELECT offset FROM blobs WHERE account_id = ?1 AND hash = ?2",
+                                params![account, hash.0.as_slice()],
+                                |r| r.get(0),
+                            )
+                            .optional()
+                            .map_err(|e| not_fatal(e.into()))?,
+                    };
+                    if let Some(offset) = existing {
+                        out.push((
+                            account,
+                            Appended {
+                                hash,
+                                offset: offset as u64,
+                                new: false,
+                            },
+                        ));
+                        heads.insert(account, head);
+                        continue; // dropping `blob` removes the staged copy
+                    }
+                    let dest = blobs::blob_path(root, account, &hash);
+                    let size = blob.size;
+                    blob.place(&dest).map_err(not_fatal)?;
+                    if let Some(parent) = dest.parent() {
+                        dirs.insert(parent.to_owned());
+                    }
+                    let rec = Record::Store { hash, size, tags };
+                    insert_record(&tx, account, head, now, &rec).map_err(not_fatal)?;
+                    tx.execute(
+                        "INSERT INTO blobs (account_id, hash, offset, size) VALUES (?1, ?2, ?3, ?4)",
+                        params![account, hash.0.as_slice(), head as i64, size as i64],
+                    )
+                    .map_err(|e| not_fatal(e.into()))?;
+                    placed.insert((account, hash), head);
+                    heads.insert(account, head + 1);
+                    out.push((
+                        account,
+                        Appended {
+                            hash,
+                            offset: head,
+                            new: true,
+                        },
+                    ));
+                }
+            }
+        }
+        // Blobs durable before the records that name them.
+        for d in &dirs {
+            fsync_dir(d).map_err(|e| (e, true))?;
+        }
+        tx.commit().map_err(|e| (e.into(), true))?;
+        if let Ok(mut h) = shared.heads.lock() {
+            h.extend(heads);
+        }
+        Ok(out)
+    })();
+    (dones, result)
+}
+
+fn insert_record(
+    tx: &Connection,
+    account: AccountId,
+    offset: LogOffset,
+    time_ms: u64,
+    record: &Record,
+) -> Result<()> {
+    let body = record.encode();
+    let kind = match record {
+        Record::Store { .. } => 0,
+        Record::Send { .. } => 1,
+        Record::Tags { .. } => 2,
+        Record::Scrub { .. } => 3,
+    };
+    tx.execute(
+        "INSERT INTO log (account_id, offset, time_ms, kind, body, checksum)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            account,
+            offset as i64,
+            time_ms as i64,
+            kind,
+            body,
+            db::checksum(account, offset, &body).as_slice()
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(store: &Store, bytes: &[u8]) -> StagedBlob {
+        let mut w = store.blob_writer(1 << 20).unwrap();
+        w.write(bytes).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn append_is_idempotent_and_isolated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut accounts = crate::Accounts::open(dir.path()).unwrap();
+        let a = accounts
+            .add_device("ann", &["ann@example.org".into()], "laptop")
+            .unwrap();
+        let b = accounts.add_device("bob", &[], "phone").unwrap();
+        let tags = vec!["inbox".to_string()];
+        let r1 = store
+            .append_blocking(
+                a.account_id,
+                NewRecord::Store {
+                    blob: stage(&store, b"m1"),
+                    tags: tags.clone(),
+                },
+            )
+            .unwrap();
+        let r2 = store
+            .append_blocking(
+                a.account_id,
+                NewRecord::Store {
+                    blob: stage(&store, b"m1"),
+                    tags: tags.clone(),
+                },
+            )
+            .unwrap();
+        assert_eq!((r1.offset, r1.new), (0, true));
+        assert_eq!((r2.offset, r2.new), (0, false));
+        assert_eq!(store.head(a.account_id).unwrap(), 1);
+        assert_eq!(
+            store.read_blob(a.account_id, &r1.hash).unwrap().as_deref(),
+            Some(&b"m1"[..])
+        );
+        // Another account cannot see it.
+        assert_eq!(store.read_blob(b.account_id, &r1.hash).unwrap(), None);
+        assert_eq!(store.head(b.account_id).unwrap(), 0);
+        let log = store.read_log(a.account_id, 0, 10).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(
+            log[0].record,
+            Record::Store {
+                hash: r1.hash,
+                size: 2,
+                tags
+            }
+        );
+        // Authentication: right secret, wrong secret, wrong account, revoked.
+        assert_eq!(
+            store.authenticate("ann", a.device, &a.secret).unwrap(),
+            Some(a.account_id)
+        );
+        assert_eq!(store.authenticate("ann", a.device, &[0; 32]).unwrap(), None);
+        assert_eq!(
+            store.authenticate("bob", a.device, &a.secret).unwrap(),
+            None
+        );
+        assert!(accounts.revoke_device("ann", a.device).unwrap());
+        assert!(!accounts.revoke_device("ann", 999).unwrap());
+        assert_eq!(accounts.list_devices("ann").unwrap().len(), 1);
+        assert!(
+            Store::open(dir.path()).is_err(),
+            "a second store on one directory"
+        );
+        assert_eq!(
+            store.authenticate("ann", a.device, &a.secret).unwrap(),
+            None
+        );
+        // Nothing left in tmp/.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn corrupt_blob_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = crate::Accounts::open(dir.path())
+            .unwrap()
+            .add_device("ann", &[], "laptop")
+            .unwrap();
+        let r = store
+            .append_blocking(
+                a.account_id,
+                NewRecord::Store {
+                    blob: stage(&store, b"hello"),
+                    tags: vec![],
+                },
+            )
+            .unwrap();
+        std::fs::write(
+            blobs::blob_path(dir.path(), a.account_id, &r.hash),
+            b"jello",
+        )
+        .unwrap();
+        assert!(matches!(
+            store.read_blob(a.account_id, &r.hash),
+            Err(StoreError::CorruptBlob(_))
+        ));
+    }
+
+    #[test]
+    fn group_commit_orders_concurrent_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let a = crate::Accounts::open(dir.path())
+            .unwrap()
+            .add_device("ann", &[], "laptop")
+            .unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let blob = stage(&store, format!("msg {t} {i}").as_bytes());
+                        store
+                            .append_blocking(a.account_id, NewRecord::Store { blob, tags: vec![] })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let log = store.read_log(a.account_id, 0, 1000).unwrap();
+        assert_eq!(log.len(), 200);
+        assert!(log.iter().enumerate().all(|(i, e)| e.offset == i as u64));
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
+    }
+}

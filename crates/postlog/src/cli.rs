@@ -1,0 +1,193 @@
+//! Command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "postlog",
+    version,
+    about = "Sync a whole mailbox over one QUIC connection.",
+    long_about = "Postlog is a mail server and client. The server keeps, per account, an \
+append-only metadata log and a content-addressed blob store; clients keep a complete Maildir \
+replica and sync it with one request: \"everything after offset N\".\n\n\
+Quick start:  postlog demo\n\
+Server:       postlog serve --data DIR   and   postlog account add NAME --data DIR\n\
+Client:       postlog login URL   then   postlog sync   or   postlog sync --watch"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server in the foreground (creates config, certificate and store on first start).
+    Serve(ServeArgs),
+    /// Manage accounts (works while the server runs).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// List and revoke devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Check every record and every blob of a data directory; non-zero exit on problems.
+    Verify(DataArg),
+    /// Store a login URL (from `postlog account add`) in a client profile.
+    Login(LoginArgs),
+    /// Sync the account into the local Maildir (oneshot, or --watch for push).
+    Sync(SyncArgs),
+    /// Store existing mail on the server.
+    #[command(subcommand)]
+    Import(ImportCmd),
+    /// Show server, account, cursor, Head and local message count.
+    Status(ProfileArg),
+    /// Run a self-contained demonstration on loopback, with timings; needs no setup.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DataArg {
+    /// The server's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// UDP address to listen on (overrides `listen` in postlog.toml).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountCmd {
+    /// Create an account, or add a device to an existing one; prints a login URL last.
+    Add(AccountAddArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AccountAddArgs {
+    /// Account name (letters, digits and ._-@+; at most 64 bytes).
+    pub name: String,
+    #[command(flatten)]
+    pub data: DataArg,
+    /// A mail address this account owns (repeatable).
+    #[arg(long = "address", value_name = "ADDR")]
+    pub addresses: Vec<String>,
+    /// A name for the new device, shown by `postlog device list`.
+    #[arg(long, default_value = "device")]
+    pub device: String,
+    /// Server address to put in the login URL (default: public_host and port from postlog.toml).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// List an account's devices.
+    List {
+        account: String,
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Revoke a device: its secret stops working for new connections.
+    Revoke {
+        account: String,
+        device: u64,
+        #[command(flatten)]
+        data: DataArg,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProfileArg {
+    /// Client profile directory (default: $POSTLOG_PROFILE, else $XDG_DATA_HOME/postlog).
+    #[arg(long, value_name = "DIR", env = "POSTLOG_PROFILE")]
+    pub profile: Option<PathBuf>,
+}
+
+impl ProfileArg {
+    pub fn dir(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.profile {
+            return Ok(p.clone());
+        }
+        let base = match std::env::var_os("XDG_DATA_HOME") {
+            Some(x) if !x.is_empty() => PathBuf::from(x),
+            _ => {
+                let home = std::env::var_os("HOME").ok_or_else(|| {
+                    anyhow::anyhow!("neither --profile, POSTLOG_PROFILE nor HOME is set")
+                })?;
+                PathBuf::from(home).join(".local/share")
+            }
+        };
+        Ok(base.join("postlog"))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// The login URL printed by `postlog account add`.
+    pub url: String,
+    #[command(flatten)]
+    pub profile: ProfileArg,
+    /// Where to keep the Maildir (default: PROFILE/mail).
+    #[arg(long, value_name = "PATH")]
+    pub maildir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub profile: ProfileArg,
+    /// Keep the Log stream open and write new mail as it arrives; reconnect on failures.
+    #[arg(long)]
+    pub watch: bool,
+    /// Never show a progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImportCmd {
+    /// Store every message of a Maildir (cur/, new/ and Maildir++ subfolders). Idempotent.
+    Maildir {
+        /// The Maildir to import.
+        src: PathBuf,
+        #[command(flatten)]
+        profile: ProfileArg,
+        /// Never show a progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Messages in the generated sample mailbox.
+    #[arg(long, default_value_t = 3000)]
+    pub messages: usize,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use crate::{client_cmds as c, server_cmds as s};
+    match cli.command {
+        Command::Serve(a) => s::serve(a).await,
+        Command::Account(AccountCmd::Add(a)) => s::account_add(a),
+        Command::Device(d) => s::device(d),
+        Command::Verify(a) => s::verify(a),
+        Command::Login(a) => c::login(a).await,
+        Command::Sync(a) => c::sync(a).await,
+        Command::Import(ImportCmd::Maildir {
+            src,
+            profile,
+            quiet,
+        }) => c::import_maildir(src, profile, quiet).await,
+        Command::Status(a) => c::status(a).await,
+        Command::Demo(a) => crate::demo::run(a).await,
+    }
+}

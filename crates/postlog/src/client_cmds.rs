@@ -1,0 +1,168 @@
+//! login, sync, import, status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use postlog_client::sync::{self, Progress};
+use postlog_client::{ClientError, Endpoint, LoginUrl, Maildir, Profile};
+
+use crate::cli::{LoginArgs, ProfileArg, SyncArgs};
+use crate::progress::Bar;
+
+fn load(p: &ProfileArg) -> anyhow::Result<Profile> {
+    Ok(Profile::load(&p.dir()?)?)
+}
+
+pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
+    let url: LoginUrl = a.url.parse()?;
+    let dir = a.profile.dir()?;
+    let endpoint = Endpoint::new(&url.fingerprint)?;
+    match endpoint.connect(&url).await {
+        Ok(conn) => {
+            eprintln!(
+                "connected to {} as {} (head {})",
+                url.server, url.account, conn.head_at_auth
+            );
+            conn.close();
+        }
+        Err(e @ ClientError::Unreachable { .. }) => {
+            eprintln!("warning: {e}; saving the profile anyway, sync will connect later");
+        }
+        Err(e) => return Err(e).context("login refused; the profile was not saved"),
+    }
+    let profile = Profile::create(&dir, url, a.maildir)?;
+    Maildir::open(&profile.maildir)?;
+    eprintln!(
+        "profile saved in {}; Maildir at {}",
+        dir.display(),
+        profile.maildir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
+    let profile = load(&a.profile)?;
+    let endpoint = Endpoint::new(&profile.login.fingerprint)?;
+    let progress = Arc::new(Progress::default());
+    if a.watch {
+        let shutdown = crate::server_cmds::shutdown_signal();
+        let p = progress.clone();
+        let status = move |s: &str| {
+            tracing::info!("{s}");
+            eprintln!(
+                "postlog sync --watch: {s} ({} messages so far)",
+                p.messages.load(Ordering::Relaxed)
+            );
+        };
+        sync::watch(&profile, &endpoint, progress.clone(), shutdown, status).await?;
+        eprintln!(
+            "stopped; {} new messages",
+            progress.messages.load(Ordering::Relaxed)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (p1, p2) = (progress.clone(), progress.clone());
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bar_done = received.clone();
+    let p3 = progress.clone();
+    let copier = tokio::spawn(async move {
+        loop {
+            bar_done.store(p3.received.load(Ordering::Relaxed), Ordering::Relaxed);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    let bar = Bar::start(
+        a.quiet,
+        "records",
+        move || p1.head.load(Ordering::Relaxed),
+        received,
+        move || p2.start.load(Ordering::Relaxed),
+    );
+    let result = sync::sync_once(&profile, &endpoint, progress.clone()).await;
+    bar.finish();
+    copier.abort();
+    let r = result?;
+    println!(
+        "{} new messages, {:.1} MB, {} records, cursor {}, {:.3} s",
+        r.new_messages,
+        r.bytes as f64 / 1e6,
+        r.records,
+        r.cursor,
+        r.elapsed.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn import_maildir(src: PathBuf, p: ProfileArg, quiet: bool) -> anyhow::Result<ExitCode> {
+    let profile = load(&p)?;
+    if !src.join("cur").is_dir() && !src.join("new").is_dir() {
+        anyhow::bail!("{} is not a Maildir (no cur/ or new/)", src.display());
+    }
+    let endpoint = Endpoint::new(&profile.login.fingerprint)?;
+    let conn = endpoint.connect(&profile.login).await?;
+    let started = std::time::Instant::now();
+    let progress = Arc::new(postlog_client::import::ImportProgress::default());
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (p1, p2, d2) = (progress.clone(), progress.clone(), done.clone());
+    let copier = tokio::spawn(async move {
+        loop {
+            d2.store(p2.done.load(Ordering::Relaxed), Ordering::Relaxed);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    let bar = Bar::start(
+        quiet,
+        "messages",
+        move || p1.total.load(Ordering::Relaxed),
+        done,
+        || 0,
+    );
+    let result = postlog_client::import::import_maildir(&conn, &src, progress).await;
+    bar.finish();
+    copier.abort();
+    conn.close();
+    let r = result?;
+    for (path, why) in &r.skipped {
+        eprintln!("skipped {}: {why}", path.display());
+    }
+    println!(
+        "{} found, {} stored, {} already there, {} skipped, {:.1} MB, {:.2} s",
+        r.found,
+        r.stored,
+        r.already,
+        r.skipped.len(),
+        r.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(p: ProfileArg) -> anyhow::Result<ExitCode> {
+    let profile = load(&p)?;
+    let cursor = profile.cursor()?;
+    let local = Maildir::open(&profile.maildir)?.count()?;
+    println!("profile:  {}", profile.dir.display());
+    println!("server:   {}", profile.login.server);
+    println!(
+        "account:  {} (device {})",
+        profile.login.account, profile.login.device
+    );
+    println!("maildir:  {} ({local} messages)", profile.maildir.display());
+    println!("cursor:   {cursor}");
+    let endpoint = Endpoint::new(&profile.login.fingerprint)?;
+    match endpoint.connect(&profile.login).await {
+        Ok(conn) => {
+            let head = conn.head_at_auth;
+            conn.close();
+            println!(
+                "head:     {head} ({} records behind)",
+                head.saturating_sub(cursor)
+            );
+        }
+        Err(e) => println!("head:     unknown ({e})"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
