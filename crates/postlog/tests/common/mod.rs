@@ -1,0 +1,172 @@
+//! Test harness: real servers (in-process or as the `postlog` binary) on loopback, real
+//! clients, generated mail.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use postlog_client::{Endpoint, LoginUrl};
+use postlog_server::Server;
+
+/// The `postlog` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_postlog")
+}
+
+/// A UDP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral UDP port")
+}
+
+/// A server running in this process, stopped on drop.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub fingerprint: String,
+    pub data: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcess {
+    pub async fn start(data: &Path) -> InProcess {
+        let server = Server::start(data, Some("127.0.0.1:0".parse().unwrap())).expect("server starts");
+        let addr = server.local_addr().unwrap();
+        let fingerprint = server.fingerprint().to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        InProcess { addr, fingerprint, data: data.to_owned(), stop: Some(tx), task: Some(task) }
+    }
+
+    /// Creates an account (or a device of it) and returns its login URL.
+    pub fn account(&self, name: &str) -> LoginUrl {
+        account_on(&self.data, self.addr, &self.fingerprint, name)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub fn account_on(data: &Path, addr: SocketAddr, fingerprint: &str, name: &str) -> LoginUrl {
+    let creds = postlog_store::Accounts::open(data)
+        .and_then(|mut a| a.add_device(name, &[], "test"))
+        .expect("add device");
+    LoginUrl {
+        account: creds.account,
+        server: addr.to_string(),
+        device: creds.device,
+        secret: creds.secret,
+        fingerprint: fingerprint.to_string(),
+    }
+}
+
+/// Distinct, realistic-looking messages.
+pub fn message(i: usize, body_len: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: Sender {i} <sender{i}@example.org>\r\nTo: ann@example.org\r\n\
+         Subject: Test message {i}\r\nMessage-ID: <{i}.test@example.org>\r\n\
+         Date: Fri, 27 Nov 2026 12:00:00 +0000\r\n\r\n"
+    )
+    .into_bytes();
+    let line = format!("Line of message {i}, padding the body to a realistic size.\r\n");
+    while m.len() < body_len {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m
+}
+
+/// The `postlog serve` binary as a child process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub data: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn spawn(data: &Path, addr: SocketAddr) -> ServerProcess {
+        let child = Command::new(bin())
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--listen", &addr.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn postlog serve");
+        ServerProcess { child, data: data.to_owned(), addr }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().expect("wait for server")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The certificate fingerprint of a data directory's server (created on first start).
+pub fn fingerprint_of(data: &Path) -> String {
+    let cfg = postlog_server::ServerConfig::load_or_init(data).unwrap();
+    postlog_server::tls::load_or_generate(data, &cfg).unwrap().fingerprint()
+}
+
+/// Connects, retrying until the server answers (it may be starting up).
+pub async fn connect_retry(endpoint: &Endpoint, login: &LoginUrl) -> postlog_client::Connection {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match endpoint.connect(login).await {
+            Ok(c) => return c,
+            Err(e) if tokio::time::Instant::now() < deadline && e.is_retryable() => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("cannot connect to the server: {e}"),
+        }
+    }
+}
+
+/// Runs the CLI and returns (exit status, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &Path)]) -> (std::process::ExitStatus, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run postlog");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
