@@ -114,10 +114,7 @@ impl Batch {
 type Writer = tokio::task::JoinHandle<Result<(u64, LogOffset), SyncError>>;
 
 /// Applies batches on a blocking thread: Maildir first, then the cursor.
-fn spawn_writer(
-    profile: Profile,
-    progress: Arc<Progress>,
-) -> (mpsc::Sender<Batch>, Writer) {
+fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> (mpsc::Sender<Batch>, Writer) {
     let (tx, mut rx) = mpsc::channel::<Batch>(2);
     let handle = tokio::task::spawn_blocking(move || {
         let mut maildir = Maildir::open(&profile.maildir)?;

@@ -66,11 +66,16 @@ impl Server {
         store.set_head_watcher(Arc::new(move |account, head| {
             publisher.publish(account, head)
         }));
-        let endpoint = quinn::Endpoint::server(tls::quinn_server_config(identity)?, config.listen)
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let endpoint_config = tls::endpoint_config(data)?;
+        let bind = |source| ServerError::Bind { addr: config.listen, source };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(tls::quinn_server_config(identity)?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind)?;
         let shared = Arc::new(Shared {
             store,
             heads,

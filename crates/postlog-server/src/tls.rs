@@ -75,6 +75,52 @@ pub fn load_or_generate(data: &Path, cfg: &ServerConfig) -> Result<Identity, Tls
     Ok(Identity { chain, key })
 }
 
+/// The key from which QUIC stateless-reset tokens are derived, kept in `DATA/reset.key`.
+/// Because it survives restarts, a restarted server answers packets of connections it no
+/// longer knows with a valid stateless reset, and clients reconnect at once instead of
+/// waiting for their idle timeout.
+/// The connection-ID generator's key is derived from the same file: the default generator
+/// signs CIDs with a random per-process key, so a restarted server would drop (not reset)
+/// packets of old connections.
+pub fn endpoint_config(data: &Path) -> Result<quinn::EndpointConfig, TlsError> {
+    let bytes = reset_key_bytes(data)?;
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &bytes,
+    )));
+    let cid_key = u64::from_le_bytes(
+        blake3::derive_key("postlog cid key v1", &bytes)[..8].try_into().unwrap_or([0; 8]),
+    );
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(cfg)
+}
+
+fn reset_key_bytes(data: &Path) -> Result<Vec<u8>, TlsError> {
+    let path = data.join("reset.key");
+    let io = |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) if b.len() == 64 => b,
+        Ok(_) => {
+            return Err(TlsError::Pem {
+                path: path.display().to_string(),
+                why: "expected 64 bytes".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = vec![0u8; 64];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .map_err(|_| TlsError::Rustls(rustls::Error::FailedToGetRandomBytes))?;
+            write_private(&path, &b).map_err(io)?;
+            b
+        }
+        Err(e) => return Err(io(e)),
+    };
+    Ok(bytes)
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

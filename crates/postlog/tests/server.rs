@@ -16,7 +16,11 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     let login = server.account("ann");
     let endpoint = Endpoint::new(&server.fingerprint).unwrap();
     let c1 = endpoint.connect(&login).await.unwrap();
-    let c2 = Endpoint::new(&server.fingerprint).unwrap().connect(&login).await.unwrap();
+    let c2 = Endpoint::new(&server.fingerprint)
+        .unwrap()
+        .connect(&login)
+        .await
+        .unwrap();
 
     // A Log stream opened before any Store sees every record live, in offset order.
     let mut log = c2.log(0, false).await.unwrap();
@@ -33,8 +37,11 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
         got
     });
 
-    let messages: Arc<Vec<Vec<u8>>> =
-        Arc::new((0..N).map(|i| common::message(i, 200 + (i * 37) % 5000)).collect());
+    let messages: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..N)
+            .map(|i| common::message(i, 200 + (i * 37) % 5000))
+            .collect(),
+    );
     let mut tasks = JoinSet::new();
     for i in 0..N {
         let conn = if i % 2 == 0 { c1.clone() } else { c2.clone() };
@@ -52,7 +59,11 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
         offset_of.insert(i, offset);
     }
     let offsets: HashSet<u64> = offset_of.values().copied().collect();
-    assert_eq!(offsets, (0..N as u64).collect::<HashSet<_>>(), "offsets are gap-free");
+    assert_eq!(
+        offsets,
+        (0..N as u64).collect::<HashSet<_>>(),
+        "offsets are gap-free"
+    );
     assert_eq!(c1.head().await.unwrap(), N as u64);
     assert_eq!(c2.head().await.unwrap(), N as u64);
 
@@ -71,7 +82,10 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     }
 
     let live = watcher.await.unwrap();
-    assert!(live.iter().enumerate().all(|(i, e)| e.offset == i as u64), "offset order");
+    assert!(
+        live.iter().enumerate().all(|(i, e)| e.offset == i as u64),
+        "offset order"
+    );
     let pushed: HashSet<BlobHash> = live
         .iter()
         .map(|e| match &e.record {
@@ -90,11 +104,18 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     assert_eq!(c1.head().await.unwrap(), N as u64);
 
     // Accounts are isolated: another account's blob is "not found", exactly like a missing one.
-    let bob = Endpoint::new(&server.fingerprint).unwrap().connect(&server.account("bob")).await.unwrap();
+    let bob = Endpoint::new(&server.fingerprint)
+        .unwrap()
+        .connect(&server.account("bob"))
+        .await
+        .unwrap();
     assert_eq!(bob.head_at_auth, 0);
     for hash in [BlobHash::of(&messages[0]), BlobHash([0; 32])] {
         match bob.fetch(&hash).await {
-            Err(ClientError::Server { code: Some(ErrorCode::NotFound), .. }) => {}
+            Err(ClientError::Server {
+                code: Some(ErrorCode::NotFound),
+                ..
+            }) => {}
             other => panic!("expected NotFound, got {other:?}"),
         }
     }

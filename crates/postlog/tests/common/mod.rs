@@ -34,14 +34,21 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(data: &Path) -> InProcess {
-        let server = Server::start(data, Some("127.0.0.1:0".parse().unwrap())).expect("server starts");
+        let server =
+            Server::start(data, Some("127.0.0.1:0".parse().unwrap())).expect("server starts");
         let addr = server.local_addr().unwrap();
         let fingerprint = server.fingerprint().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        InProcess { addr, fingerprint, data: data.to_owned(), stop: Some(tx), task: Some(task) }
+        InProcess {
+            addr,
+            fingerprint,
+            data: data.to_owned(),
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Creates an account (or a device of it) and returns its login URL.
@@ -114,7 +121,11 @@ impl ServerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn postlog serve");
-        ServerProcess { child, data: data.to_owned(), addr }
+        ServerProcess {
+            child,
+            data: data.to_owned(),
+            addr,
+        }
     }
 
     /// SIGKILL, no chance to clean up.
@@ -125,7 +136,10 @@ impl ServerProcess {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.child.wait().expect("wait for server")
     }
 }
@@ -139,7 +153,9 @@ impl Drop for ServerProcess {
 /// The certificate fingerprint of a data directory's server (created on first start).
 pub fn fingerprint_of(data: &Path) -> String {
     let cfg = postlog_server::ServerConfig::load_or_init(data).unwrap();
-    postlog_server::tls::load_or_generate(data, &cfg).unwrap().fingerprint()
+    postlog_server::tls::load_or_generate(data, &cfg)
+        .unwrap()
+        .fingerprint()
 }
 
 /// Connects, retrying until the server answers (it may be starting up).
