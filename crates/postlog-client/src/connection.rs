@@ -106,7 +106,12 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 pub struct Endpoint {
     ep: quinn::Endpoint,
     config: quinn::ClientConfig,
+    connect_timeout: std::time::Duration,
 }
+
+/// How long `connect` waits for a server that does not answer (QUIC has no "connection
+/// refused"; a dead server is silence). `POSTLOG_CONNECT_TIMEOUT` (seconds) overrides it.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Endpoint {
     pub fn new(fingerprint: &str) -> Result<Endpoint> {
@@ -127,7 +132,13 @@ impl Endpoint {
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let ep = quinn::Endpoint::client(bind).map_err(|e| ClientError::Tls(e.to_string()))?;
-        Ok(Endpoint { ep, config })
+        let connect_timeout = std::env::var("POSTLOG_CONNECT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| *s > 0.0)
+            .map(std::time::Duration::from_secs_f64)
+            .unwrap_or(CONNECT_TIMEOUT);
+        Ok(Endpoint { ep, config, connect_timeout })
     }
 
     /// Moves the endpoint to a new local socket (a laptop that changed networks); open
@@ -140,6 +151,16 @@ impl Endpoint {
     /// Connects and authenticates. With a session ticket from an earlier connection of this
     /// endpoint, Auth is sent in 0-RTT.
     pub async fn connect(&self, login: &LoginUrl) -> Result<Connection> {
+        match tokio::time::timeout(self.connect_timeout, self.connect_inner(login)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Unreachable {
+                server: login.server.clone(),
+                why: format!("no answer within {:.1} s", self.connect_timeout.as_secs_f64()),
+            }),
+        }
+    }
+
+    async fn connect_inner(&self, login: &LoginUrl) -> Result<Connection> {
         let unreachable = |why: String| ClientError::Unreachable {
             server: login.server.clone(),
             why,
