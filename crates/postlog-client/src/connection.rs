@@ -138,7 +138,11 @@ impl Endpoint {
             .filter(|s| *s > 0.0)
             .map(std::time::Duration::from_secs_f64)
             .unwrap_or(CONNECT_TIMEOUT);
-        Ok(Endpoint { ep, config, connect_timeout })
+        Ok(Endpoint {
+            ep,
+            config,
+            connect_timeout,
+        })
     }
 
     /// Moves the endpoint to a new local socket (a laptop that changed networks); open
@@ -155,7 +159,10 @@ impl Endpoint {
             Ok(r) => r,
             Err(_) => Err(ClientError::Unreachable {
                 server: login.server.clone(),
-                why: format!("no answer within {:.1} s", self.connect_timeout.as_secs_f64()),
+                why: format!(
+                    "no answer within {:.1} s",
+                    self.connect_timeout.as_secs_f64()
+                ),
             }),
         }
     }
@@ -179,6 +186,7 @@ impl Endpoint {
                 Ok(head) => Ok(Connection {
                     conn,
                     head_at_auth: head,
+                    zero_rtt: true,
                 }),
                 Err(e) => {
                     // Early data rejected (e.g. the server restarted): retry in 1-RTT.
@@ -189,6 +197,7 @@ impl Endpoint {
                     Ok(Connection {
                         conn,
                         head_at_auth: head,
+                        zero_rtt: false,
                     })
                 }
             },
@@ -201,6 +210,7 @@ impl Endpoint {
                 Ok(Connection {
                     conn,
                     head_at_auth: head,
+                    zero_rtt: false,
                 })
             }
         }
@@ -235,6 +245,9 @@ pub struct Connection {
     conn: quinn::Connection,
     /// The account's Head when authentication completed.
     pub head_at_auth: LogOffset,
+    /// Whether Auth (and the first requests) went out as 0-RTT early data, answered
+    /// without waiting for the handshake: a resumed connection's sync costs one round trip.
+    pub zero_rtt: bool,
 }
 
 impl Connection {

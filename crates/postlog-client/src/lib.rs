@@ -19,5 +19,6 @@ mod profile;
 pub mod sync;
 
 pub use connection::{ClientError, Connection, Endpoint, LogItem, LogStream};
+pub use maildir::hash_of_name;
 pub use maildir::{Maildir, MaildirError, NewMessage};
 pub use profile::{LoginUrl, Profile, ProfileError};

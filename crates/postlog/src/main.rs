@@ -14,7 +14,7 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     let default_level = match args.command {
-        cli::Command::Serve(_) | cli::Command::Demo(_) => "info",
+        cli::Command::Serve(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,5 +1,6 @@
 //! The client CLI end to end against a real server over QUIC on loopback: import, sync,
 //! watch (push), crash-resume, and the failures a user meets.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
@@ -17,7 +18,12 @@ fn cli(args: &[&str]) -> (bool, String, String) {
 }
 
 fn login(url: &LoginUrl, profile: &Path) {
-    let (ok, _, err) = cli(&["login", &url.to_url(), "--profile", profile.to_str().unwrap()]);
+    let (ok, _, err) = cli(&[
+        "login",
+        &url.to_url(),
+        "--profile",
+        profile.to_str().unwrap(),
+    ]);
     assert!(ok, "login failed: {err}");
 }
 
@@ -30,7 +36,11 @@ fn maildir_hashes(root: &Path) -> HashSet<BlobHash> {
             let e = e.unwrap();
             let name = e.file_name().to_string_lossy().into_owned();
             let hash: BlobHash = name[..64].parse().unwrap();
-            assert_eq!(BlobHash::of(&std::fs::read(e.path()).unwrap()), hash, "{name}");
+            assert_eq!(
+                BlobHash::of(&std::fs::read(e.path()).unwrap()),
+                hash,
+                "{name}"
+            );
             assert!(out.insert(hash), "duplicate file for {hash}");
         }
     }
@@ -38,7 +48,10 @@ fn maildir_hashes(root: &Path) -> HashSet<BlobHash> {
 }
 
 fn tmp_is_empty(root: &Path) -> bool {
-    std::fs::read_dir(root.join("tmp")).unwrap().next().is_none()
+    std::fs::read_dir(root.join("tmp"))
+        .unwrap()
+        .next()
+        .is_none()
 }
 
 fn write_source_maildir(dir: &Path, n: usize, size: impl Fn(usize) -> usize) -> HashSet<BlobHash> {
@@ -49,7 +62,11 @@ fn write_source_maildir(dir: &Path, n: usize, size: impl Fn(usize) -> usize) -> 
     for i in 0..n {
         let m = common::message(i, size(i));
         hashes.insert(BlobHash::of(&m));
-        let name = if i % 10 == 0 { format!("new/{i}.src") } else { format!("cur/{i}.src:2,S") };
+        let name = if i % 10 == 0 {
+            format!("new/{i}.src")
+        } else {
+            format!("cur/{i}.src:2,S")
+        };
         std::fs::write(dir.join(name), m).unwrap();
     }
     hashes
@@ -71,12 +88,33 @@ async fn import_sync_and_watch_end_to_end() {
     let extra = common::message(5000, 800);
     std::fs::write(src.join(".Lists.rust/cur/1.x:2,S"), &extra).unwrap();
 
-    let (ok, out, err) = cli(&["import", "maildir", src.to_str().unwrap(), "--profile", a.to_str().unwrap()]);
+    let (ok, out, err) = cli(&[
+        "import",
+        "maildir",
+        src.to_str().unwrap(),
+        "--profile",
+        a.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
-    assert!(out.contains("1002 found, 1001 stored, 0 already there, 1 skipped"), "{out}");
-    assert!(err.contains("garbage"), "the garbage file is reported: {err}");
-    let (ok, out, _) = cli(&["import", "maildir", src.to_str().unwrap(), "--profile", a.to_str().unwrap()]);
-    assert!(ok && out.contains("0 stored, 1001 already there"), "second import is a no-op: {out}");
+    assert!(
+        out.contains("1002 found, 1001 stored, 0 already there, 1 skipped"),
+        "{out}"
+    );
+    assert!(
+        err.contains("garbage"),
+        "the garbage file is reported: {err}"
+    );
+    let (ok, out, _) = cli(&[
+        "import",
+        "maildir",
+        src.to_str().unwrap(),
+        "--profile",
+        a.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && out.contains("0 stored, 1001 already there"),
+        "second import is a no-op: {out}"
+    );
 
     let (ok, out, err) = cli(&["sync", "--profile", b.to_str().unwrap()]);
     assert!(ok, "{err}");
@@ -89,9 +127,17 @@ async fn import_sync_and_watch_end_to_end() {
     // Unread imports land in new/, read ones in cur/ with the S flag.
     assert_eq!(std::fs::read_dir(mail.join("new")).unwrap().count(), 100);
     let (ok, out, _) = cli(&["sync", "--profile", b.to_str().unwrap()]);
-    assert!(ok && out.starts_with("0 new messages, 0.0 MB, 0 records, cursor 1001"), "{out}");
+    assert!(
+        ok && out.starts_with("0 new messages, 0.0 MB, 0 records, cursor 1001"),
+        "{out}"
+    );
     let (ok, out, _) = cli(&["status", "--profile", b.to_str().unwrap()]);
-    assert!(ok && out.contains("cursor:   1001") && out.contains("(1001 messages)") && out.contains("0 records behind"), "{out}");
+    assert!(
+        ok && out.contains("cursor:   1001")
+            && out.contains("(1001 messages)")
+            && out.contains("0 records behind"),
+        "{out}"
+    );
 
     // Push: new mail appears in B's Maildir with no further command.
     let mut watch = Command::new(common::bin())
@@ -100,19 +146,33 @@ async fn import_sync_and_watch_end_to_end() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let conn = Endpoint::new(&url.fingerprint).unwrap().connect(&url).await.unwrap();
+    let conn = Endpoint::new(&url.fingerprint)
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
     for i in 0..5 {
         let m = common::message(9000 + i, 1000);
-        conn.store(&m, &["inbox".into(), "unread".into()]).await.unwrap();
+        conn.store(&m, &["inbox".into(), "unread".into()])
+            .await
+            .unwrap();
         want.insert(BlobHash::of(&m));
         let deadline = Instant::now() + Duration::from_secs(15);
         while !mail.join("new").join(BlobHash::of(&m).to_hex()).exists() {
-            assert!(Instant::now() < deadline, "pushed message {i} did not arrive");
+            assert!(
+                Instant::now() < deadline,
+                "pushed message {i} did not arrive"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let _ = Command::new("kill").args(["-TERM", &watch.id().to_string()]).status();
-    assert!(watch.wait().unwrap().success(), "watch exits cleanly on SIGTERM");
+    let _ = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status();
+    assert!(
+        watch.wait().unwrap().success(),
+        "watch exits cleanly on SIGTERM"
+    );
     assert_eq!(maildir_hashes(&mail), want);
     server.stop().await;
 }
@@ -124,7 +184,11 @@ async fn sigkill_during_sync_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::InProcess::start(&dir.path().join("data")).await;
     let url = server.account("ann");
-    let conn = Endpoint::new(&url.fingerprint).unwrap().connect(&url).await.unwrap();
+    let conn = Endpoint::new(&url.fingerprint)
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
     let mut want = HashSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..3000 {
@@ -173,9 +237,15 @@ async fn sigkill_during_sync_resumes_exactly() {
     let mail = c.join("mail");
     assert_eq!(maildir_hashes(&mail), want, "exactly the server's messages");
     assert!(tmp_is_empty(&mail), "no tmp/ leftovers");
-    assert_eq!(std::fs::read_to_string(c.join("cursor")).unwrap().trim(), "3000");
+    assert_eq!(
+        std::fs::read_to_string(c.join("cursor")).unwrap().trim(),
+        "3000"
+    );
     println!("client crash-resume: full sync {full:?}, {kills} kills, final: {out}");
-    assert!(kills >= 6, "most kills must land mid-sync to test anything ({kills})");
+    assert!(
+        kills >= 6,
+        "most kills must land mid-sync to test anything ({kills})"
+    );
     server.stop().await;
 }
 
@@ -183,7 +253,9 @@ async fn sigkill_during_sync_resumes_exactly() {
 async fn clear_errors_for_wrong_pin_secret_dead_server_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
     let fp = common::fingerprint_of(&data);
     let url = common::account_on(&data, addr, &fp, "ann");
     let mut server = common::ServerProcess::spawn(&data, addr);
@@ -196,7 +268,10 @@ async fn clear_errors_for_wrong_pin_secret_dead_server_and_restart() {
     let mut bad = url.clone();
     bad.fingerprint = "00".repeat(32);
     let (ok, _, err) = cli(&["login", &bad.to_url(), "--profile", &ps(&profile("pin"))]);
-    assert!(!ok && err.contains("does not match the pinned fingerprint"), "{err}");
+    assert!(
+        !ok && err.contains("does not match the pinned fingerprint"),
+        "{err}"
+    );
     assert!(!profile("pin").join("profile.toml").exists());
 
     // Wrong secret.
@@ -220,10 +295,14 @@ async fn clear_errors_for_wrong_pin_secret_dead_server_and_restart() {
     // Server down: a clear error, a non-zero exit, the Maildir untouched.
     server.kill9();
     let mut cmd = Command::new(common::bin());
-    cmd.args(["sync", "--profile", &ps(&p)]).env("POSTLOG_CONNECT_TIMEOUT", "1");
+    cmd.args(["sync", "--profile", &ps(&p)])
+        .env("POSTLOG_CONNECT_TIMEOUT", "1");
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("cannot reach the server"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("cannot reach the server"),
+        "{stderr}"
+    );
     assert!(maildir_hashes(&p.join("mail")).is_empty());
 
     // Server killed and restarted in the middle of a sync: the sync fails or finishes, and

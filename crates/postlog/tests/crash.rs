@@ -2,6 +2,7 @@
 //! Store, restart it, and count. Every acknowledged message must be present and fetchable
 //! (lost = 0), `postlog verify` must pass, and nothing unacknowledged may be half-visible
 //! (every Store record's blob is fetchable; no hash is recorded twice).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The server over real QUIC on loopback: concurrency, push, idempotency, isolation.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
@@ -16,6 +17,12 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     let login = server.account("ann");
     let endpoint = Endpoint::new(&server.fingerprint).unwrap();
     let c1 = endpoint.connect(&login).await.unwrap();
+    assert!(!c1.zero_rtt, "no session ticket yet");
+    // The same endpoint resumes with 0-RTT: Auth and a Head ride in the first flight.
+    let resumed = endpoint.connect(&login).await.unwrap();
+    assert!(resumed.zero_rtt, "a resumed connection uses 0-RTT");
+    assert_eq!(resumed.head().await.unwrap(), 0);
+    resumed.close();
     let c2 = Endpoint::new(&server.fingerprint)
         .unwrap()
         .connect(&login)

@@ -1,6 +1,6 @@
 //! Test harness: real servers (in-process or as the `postlog` binary) on loopback, real
 //! clients, generated mail.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
