@@ -67,7 +67,10 @@ impl Server {
             publisher.publish(account, head)
         }));
         let endpoint_config = tls::endpoint_config(data)?;
-        let bind = |source| ServerError::Bind { addr: config.listen, source };
+        let bind = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,

@@ -89,9 +89,13 @@ pub fn endpoint_config(data: &Path) -> Result<quinn::EndpointConfig, TlsError> {
         &bytes,
     )));
     let cid_key = u64::from_le_bytes(
-        blake3::derive_key("postlog cid key v1", &bytes)[..8].try_into().unwrap_or([0; 8]),
+        blake3::derive_key("postlog cid key v1", &bytes)[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
     );
-    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     Ok(cfg)
 }
 
