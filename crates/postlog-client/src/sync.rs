@@ -255,6 +255,7 @@ pub async fn watch(
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_MIN;
     loop {
+        let connected = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
             let cursor = profile.cursor()?;
             let conn = endpoint.connect(&profile.login).await?;
@@ -268,6 +269,7 @@ pub async fn watch(
                 "connected, cursor {cursor}, head {}",
                 conn.head_at_auth
             ));
+            connected.store(true, Ordering::Relaxed);
             let (tx, writer) = spawn_writer(profile.clone(), progress.clone());
             let streamed = stream_into(&conn, cursor, &tx, &progress, true).await;
             let written = finish_writer(tx, writer).await;
@@ -281,6 +283,10 @@ pub async fn watch(
         match result {
             Ok(()) => backoff = RECONNECT_MIN,
             Err(e) if e.is_retryable() => {
+                if connected.load(Ordering::Relaxed) {
+                    // The connection worked before it failed: start backing off afresh.
+                    backoff = RECONNECT_MIN;
+                }
                 on_status(&format!("{e}; reconnecting in {} ms", backoff.as_millis()));
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),

@@ -30,7 +30,7 @@ impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::TooLarge { .. } => Fail(ErrorCode::TooLarge, e.to_string()),
-            StoreError::CorruptBlob(_) => {
+            StoreError::CorruptBlob(_) | StoreError::CorruptRecord { .. } => {
                 tracing::error!(error = %e, "corrupt blob refused");
                 Fail(ErrorCode::Corrupt, e.to_string())
             }

@@ -18,6 +18,8 @@ use crate::tls::{self, TlsError};
 
 /// How long a new connection may take to authenticate.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an open connection re-checks that its device was not revoked.
+pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 /// Delay before answering a failed authentication (slows guessing; issue #8 adds more).
 pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(200);
 
@@ -161,10 +163,24 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> any
         device,
         handshake,
     });
+    let mut revocation = tokio::time::interval(REVOCATION_CHECK);
+    revocation.tick().await;
     loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(_) => return Ok(()),
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return Ok(()),
+            },
+            _ = revocation.tick() => {
+                let store = ctx.shared.store.clone();
+                let active = tokio::task::spawn_blocking(move || store.device_active(device)).await;
+                if let Ok(Ok(false)) = active {
+                    tracing::info!(device, "device revoked: closing its connection");
+                    conn.close(close::REVOKED.into(), b"device revoked");
+                    return Ok(());
+                }
+                continue;
+            }
         };
         let ctx = ctx.clone();
         tokio::spawn(handlers::serve_stream(ctx, send, recv));

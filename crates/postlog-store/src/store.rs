@@ -1,6 +1,6 @@
 //! The embedded backend: SQLite log + file blobs, with a group-committing writer thread.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::accounts::{self, AccountId, DeviceId};
 use crate::blobs::{self, BlobWriter, StagedBlob};
 use crate::db::{self, KIND_SCRUBBED};
-use crate::{Result, StoreError, fsync_dir, now_ms};
+use crate::{Result, StoreError, now_ms};
 
 /// Most appends committed in one transaction.
 const MAX_GROUP: usize = 1024;
@@ -60,6 +60,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The verified bytes of a message the account holds; `None` if it holds no such message.
     fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>>;
     fn set_head_watcher(&self, watcher: HeadWatcher);
+    /// Whether a device exists and is not revoked.
+    fn device_active(&self, device: DeviceId) -> Result<bool>;
 }
 
 /// The embedded store rooted at a data directory.
@@ -132,21 +134,6 @@ impl Store {
         out
     }
 
-    /// Whether a device exists and is not revoked (checked on every new connection and
-    /// periodically on open ones).
-    pub fn device_active(&self, device: DeviceId) -> Result<bool> {
-        self.with_reader(|c| {
-            let r: Option<i64> = c
-                .query_row(
-                    "SELECT revoked FROM devices WHERE id = ?1",
-                    [device as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(r == Some(0))
-        })
-    }
-
     pub fn account_id(&self, name: &str) -> Result<AccountId> {
         self.with_reader(|c| accounts::account_id(c, name))
     }
@@ -164,6 +151,12 @@ impl Store {
         rx.recv()
             .unwrap_or_else(|_| Err(StoreError::Stopped("writer thread ended".into())))
     }
+}
+
+/// Flushes every dirty page and inode of the filesystem holding `root` (syncfs(2)).
+fn sync_filesystem(root: &Path) -> Result<()> {
+    let dir = std::fs::File::open(root).map_err(|e| StoreError::io(root, e))?;
+    rustix::fs::syncfs(&dir).map_err(|e| StoreError::io(root, e.into()))
 }
 
 /// Takes `postlog.lock` so that a second server on the same directory fails cleanly.
@@ -282,6 +275,19 @@ impl Backend for Store {
         blobs::read_verified(&blobs::blob_path(&self.root, account, hash), hash)
     }
 
+    fn device_active(&self, device: DeviceId) -> Result<bool> {
+        self.with_reader(|c| {
+            let r: Option<i64> = c
+                .query_row(
+                    "SELECT revoked FROM devices WHERE id = ?1",
+                    [device as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(r == Some(0))
+        })
+    }
+
     fn set_head_watcher(&self, watcher: HeadWatcher) {
         if let Ok(mut w) = self.shared.watcher.lock() {
             *w = Some(watcher);
@@ -370,7 +376,7 @@ fn commit_group(
         let tx = conn.transaction().map_err(|e| not_fatal(e.into()))?;
         let mut heads: HashMap<AccountId, LogOffset> = HashMap::new();
         let mut placed: HashMap<(AccountId, BlobHash), LogOffset> = HashMap::new();
-        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut placed_any = false;
         let mut out = Vec::with_capacity(work.len());
         let now = now_ms();
         for (account, record) in work {
@@ -407,9 +413,7 @@ fn commit_group(
                     let dest = blobs::blob_path(root, account, &hash);
                     let size = blob.size;
                     blob.place(&dest).map_err(not_fatal)?;
-                    if let Some(parent) = dest.parent() {
-                        dirs.insert(parent.to_owned());
-                    }
+                    placed_any = true;
                     let rec = Record::Store { hash, size, tags };
                     insert_record(&tx, account, head, now, &rec).map_err(not_fatal)?;
                     tx.execute(
@@ -430,9 +434,10 @@ fn commit_group(
                 }
             }
         }
-        // Blobs durable before the records that name them.
-        for d in &dirs {
-            fsync_dir(d).map_err(|e| (e, true))?;
+        // Blobs durable before the records that name them: one barrier for the whole group
+        // (file data and the renames) instead of an fsync per file and per directory.
+        if placed_any {
+            sync_filesystem(root).map_err(|e| (e, true))?;
         }
         tx.commit().map_err(|e| (e.into(), true))?;
         if let Ok(mut h) = shared.heads.lock() {

@@ -147,7 +147,7 @@ pub struct SyncArgs {
     /// Keep the Log stream open and write new mail as it arrives; reconnect on failures.
     #[arg(long)]
     pub watch: bool,
-    /// Never show a progress bar.
+    /// Print nothing on success (for cron); errors still go to stderr.
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -85,6 +85,9 @@ pub async fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
     bar.finish();
     copier.abort();
     let r = result?;
+    if a.quiet {
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{} new messages, {:.1} MB, {} records, cursor {}, {:.3} s",
         r.new_messages,

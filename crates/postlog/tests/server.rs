@@ -141,6 +141,34 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     }
     assert!(matches!(log.next().await.unwrap(), LogItem::Live(1000)));
     drop(log);
+
+    // Revoking a device closes its open connections (and its secret stops working).
+    let lost_laptop = server.account("ann");
+    let c3 = Endpoint::new(&server.fingerprint)
+        .unwrap()
+        .connect(&lost_laptop)
+        .await
+        .unwrap();
+    postlog_store::Accounts::open(dir.path())
+        .unwrap()
+        .revoke_device("ann", lost_laptop.device)
+        .unwrap();
+    let why = tokio::time::timeout(std::time::Duration::from_secs(10), c3.closed())
+        .await
+        .unwrap();
+    assert!(why.to_string().contains("revoked"), "{why}");
+    assert!(
+        Endpoint::new(&server.fingerprint)
+            .unwrap()
+            .connect(&lost_laptop)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        c1.head().await.unwrap(),
+        N as u64,
+        "other devices are unaffected"
+    );
     server.stop().await;
     let report = postlog_store::verify(dir.path()).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
