@@ -1,0 +1,287 @@
+//! The checks behind every fuzz target, one function per target, shared with the corpus
+//! replay test (`crates/postlog/tests/fuzz_corpus.rs` includes this file as a module), so
+//! the committed corpus is replayed by plain `cargo test` without cargo-fuzz or nightly.
+//!
+//! Each check takes arbitrary bytes. It must not panic on any input (peer, disk and user
+//! input never panic), and where a decoder has an encoder it asserts the round trip: if
+//! `decode(bytes)` gives `x`, then `decode(encode(x)) == x`.
+//!
+//! This file may only use what both its users have: postlog-proto, postlog-client,
+//! postlog-server, toml and std.
+
+use postlog_client::LoginUrl;
+use postlog_client::import::{garbage_reason, tags_for_name};
+use postlog_proto::limits::{MAX_FRAME_LEN, MAX_MESSAGE_SIZE};
+use postlog_proto::message::valid_tag;
+use postlog_proto::{DecodeError, LogEntry, Record, Request, Response};
+use postlog_server::ServerConfig;
+
+/// A check: panics (fails an assertion) on a bug, returns on any input the code handles.
+pub type Check = fn(&[u8]);
+
+/// Every target: its name (= the fuzz target and the `fuzz/corpus/` directory) and check.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("wire_request", wire_request),
+    ("wire_response", wire_response),
+    ("record", record),
+    ("frame", frame),
+    ("login_url", login_url),
+    ("maildir_name", maildir_name),
+    ("server_config", server_config),
+];
+
+/// A decode error must render and map to a wire error code without panicking.
+fn exercise_error(e: &DecodeError) {
+    let _ = e.code();
+    let _ = e.to_string();
+}
+
+/// The encoder is canonical (minimal integers, definite lengths, no extra elements), so
+/// re-encoding an accepted message never makes it longer: what fit in a frame still does.
+fn assert_not_longer(what: &str, input: &[u8], encoded: &[u8]) {
+    assert!(
+        encoded.len() <= input.len(),
+        "{what}: re-encoding grew {} bytes to {}",
+        input.len(),
+        encoded.len()
+    );
+}
+
+/// `Request::decode`, as the server runs it on the first frame of every stream.
+pub fn wire_request(data: &[u8]) {
+    let req = match Request::decode(data) {
+        Ok(req) => req,
+        Err(e) => return exercise_error(&e),
+    };
+    let _ = req.is_mutating();
+    let bytes = req.encode();
+    assert_eq!(
+        Request::decode(&bytes).as_ref(),
+        Ok(&req),
+        "request round trip"
+    );
+    assert_not_longer("request", data, &bytes);
+    let framed = req.to_frame();
+    assert_eq!(
+        postlog_proto::frame::split(&framed),
+        Ok(Some((&bytes[..], framed.len()))),
+        "framed request"
+    );
+}
+
+/// `Response::decode`, as the client runs it on every frame the server sends.
+pub fn wire_response(data: &[u8]) {
+    let resp = match Response::decode(data) {
+        Ok(resp) => resp,
+        Err(e) => return exercise_error(&e),
+    };
+    match &resp {
+        Response::Error { code, .. } => {
+            let _ = postlog_proto::ErrorCode::from_code(*code).map(|c| c.is_retryable());
+        }
+        Response::Entry(entry) => {
+            let _ = entry.record.hash();
+        }
+        _ => {}
+    }
+    let bytes = resp.encode();
+    assert_eq!(
+        Response::decode(&bytes).as_ref(),
+        Ok(&resp),
+        "response round trip"
+    );
+    assert_not_longer("response", data, &bytes);
+    let framed = resp.to_frame();
+    assert_eq!(
+        postlog_proto::frame::split(&framed),
+        Ok(Some((&bytes[..], framed.len()))),
+        "framed response"
+    );
+}
+
+/// `Record::decode`, as the store runs it on every record it reads back from disk.
+pub fn record(data: &[u8]) {
+    let rec = match Record::decode(data) {
+        Ok(rec) => rec,
+        Err(e) => return exercise_error(&e),
+    };
+    let _ = rec.hash();
+    let bytes = rec.encode();
+    assert_eq!(
+        Record::decode(&bytes).as_ref(),
+        Ok(&rec),
+        "record round trip"
+    );
+    assert_not_longer("record", data, &bytes);
+    // The same record nested in a Log stream's Entry response.
+    let entry = Response::Entry(LogEntry {
+        offset: u64::MAX,
+        time_ms: 1_700_000_000_000,
+        record: rec,
+    });
+    assert_eq!(
+        Response::decode(&entry.encode()).as_ref(),
+        Ok(&entry),
+        "record in an Entry"
+    );
+}
+
+/// `frame::split` over a buffer of back-to-back frames, as a stream reader sees them; each
+/// payload is then decoded both ways.
+pub fn frame(data: &[u8]) {
+    let mut rest = data;
+    loop {
+        match postlog_proto::frame::split(rest) {
+            Ok(Some((payload, consumed))) => {
+                assert_eq!(consumed, postlog_proto::frame::HEADER_LEN + payload.len());
+                assert!(consumed <= rest.len());
+                assert!(!payload.is_empty() && payload.len() <= MAX_FRAME_LEN as usize);
+                assert_eq!(
+                    postlog_proto::frame::encode(payload),
+                    &rest[..consumed],
+                    "frame round trip"
+                );
+                wire_request(payload);
+                wire_response(payload);
+                rest = &rest[consumed..];
+            }
+            Ok(None) => {
+                // More bytes needed: a header is incomplete or its payload is.
+                if let Some(h) = rest.get(..postlog_proto::frame::HEADER_LEN) {
+                    let mut header = [0u8; postlog_proto::frame::HEADER_LEN];
+                    header.copy_from_slice(h);
+                    let len = postlog_proto::frame::payload_len(header);
+                    assert!(
+                        matches!(len, Ok(n) if rest.len() < postlog_proto::frame::HEADER_LEN + n),
+                        "split waits although a whole frame is there"
+                    );
+                }
+                break;
+            }
+            Err(e) => {
+                exercise_error(&e);
+                break;
+            }
+        }
+    }
+    // Any payload a sender may frame splits back out whole.
+    if !data.is_empty() && data.len() <= MAX_FRAME_LEN as usize {
+        let framed = postlog_proto::frame::encode(data);
+        assert_eq!(
+            postlog_proto::frame::split(&framed),
+            Ok(Some((data, framed.len()))),
+            "encode then split"
+        );
+    }
+}
+
+/// `LoginUrl::from_str`: login URLs are pasted by users.
+pub fn login_url(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let url = match s.parse::<LoginUrl>() {
+        Ok(url) => url,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    assert!(!url.account.is_empty() && url.server.contains(':'));
+    assert!(
+        url.fingerprint.len() == 64
+            && url
+                .fingerprint
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "fingerprint is 64 lowercase hex characters"
+    );
+    let text = url.to_url();
+    assert_eq!(url.to_string(), text);
+    match text.parse::<LoginUrl>() {
+        Ok(again) => assert_eq!(again, url, "login URL round trip via {text:?}"),
+        Err(e) => panic!("login URL {text:?} from {s:?} does not parse back: {e}"),
+    }
+}
+
+/// The Maildir file-name parsers of the client (`hash_of_name`, `tags_for_name`) and the
+/// import filter (`garbage_reason`), on the same bytes as a name and as file contents.
+pub fn maildir_name(data: &[u8]) {
+    let name = String::from_utf8_lossy(data);
+    if let Some(h) = postlog_client::hash_of_name(&name) {
+        let hex = h.to_hex();
+        assert!(name.starts_with(&hex), "{name:?} does not start with {hex}");
+        assert_eq!(postlog_client::hash_of_name(&hex), Some(h));
+        assert_eq!(postlog_client::hash_of_name(&format!("{hex}:2,S")), Some(h));
+    }
+    for in_new in [false, true] {
+        let tags = tags_for_name(&name, in_new);
+        assert!(tags.iter().all(|t| valid_tag(t)), "{tags:?}");
+        for (i, t) in tags.iter().enumerate() {
+            assert!(!tags[..i].contains(t), "duplicate tag in {tags:?}");
+        }
+        if in_new {
+            assert!(tags.iter().any(|t| t == "unread"), "new/ mail is unread");
+        }
+    }
+    let len = data.len() as u64;
+    let unlimited = garbage_reason(data, u64::MAX);
+    if data.is_empty() {
+        assert!(unlimited.is_some(), "an empty file is garbage");
+    } else {
+        assert!(garbage_reason(data, len - 1).is_some(), "over the limit");
+        assert_eq!(garbage_reason(data, len), unlimited, "limit is inclusive");
+    }
+    let _ = garbage_reason(data, 0);
+    let _ = garbage_reason(data, MAX_MESSAGE_SIZE);
+}
+
+/// `DATA/postlog.toml`. `ServerConfig` has no serializer, so the round trip writes every
+/// field back as TOML by hand and compares the two parses.
+pub fn server_config(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let cfg = match toml::from_str::<ServerConfig>(s) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    let text = config_to_toml(&cfg);
+    match toml::from_str::<ServerConfig>(&text) {
+        // No PartialEq on ServerConfig: Debug shows every field.
+        Ok(again) => assert_eq!(
+            format!("{again:?}"),
+            format!("{cfg:?}"),
+            "config round trip via {text:?}"
+        ),
+        Err(e) => panic!("config {text:?} written from {s:?} does not parse back: {e}"),
+    }
+}
+
+fn config_to_toml(cfg: &ServerConfig) -> String {
+    // TOML integers are i64, so every value the parser accepted fits.
+    let int = |what: &str, n: u64| match i64::try_from(n) {
+        Ok(n) => toml::Value::Integer(n),
+        Err(_) => panic!("{what} = {n} was parsed but does not fit a TOML integer"),
+    };
+    let mut t = toml::Table::new();
+    t.insert("listen".into(), cfg.listen.to_string().into());
+    t.insert("public_host".into(), cfg.public_host.clone().into());
+    t.insert(
+        "max_message_size".into(),
+        int("max_message_size", cfg.max_message_size),
+    );
+    t.insert(
+        "max_connections".into(),
+        int("max_connections", cfg.max_connections as u64),
+    );
+    t.insert("cert".into(), cfg.cert.clone().into());
+    t.insert("key".into(), cfg.key.clone().into());
+    match toml::to_string(&t) {
+        Ok(text) => text,
+        Err(e) => panic!("cannot write a TOML table of strings and integers: {e}"),
+    }
+}
