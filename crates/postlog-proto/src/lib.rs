@@ -9,6 +9,8 @@
 //!   encoding. One encoder and one decoder per type; `docs/PROTOCOL.md` specifies them in CDDL.
 //! - [`frame`]: the length-prefixed framing of every control message on a QUIC stream.
 //! - [`limits`]: every named limit on peer input.
+//! - [`tags`]: the tag CRDT ([`tags::TagState`]): how Store and Tags records set a message's
+//!   tags on every replica.
 //! - [`error`]: [`ErrorCode`] (sent to peers) and [`DecodeError`] (what a decoder rejects).
 //!
 //! Message bodies (Store, Fetch, inline Log blobs) are not framed: a frame announces their
@@ -18,6 +20,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod tags;
 pub mod types;
 
 pub use error::{DecodeError, ErrorCode};

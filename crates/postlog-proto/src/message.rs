@@ -29,6 +29,10 @@ pub enum Request {
     Store { size: u64, tags: Vec<String> },
     /// Fetch a message's bytes.
     Fetch { hash: BlobHash },
+    /// Change a message's tags (see [`crate::tags`]). `seen` is the highest log offset the
+    /// device had applied when it made the change; `(device, seq)` makes the request
+    /// idempotent, the device being the authenticated one.
+    Tag { hash: BlobHash, add: Vec<String>, remove: Vec<String>, seen: LogOffset, seq: u64 },
 }
 
 /// A response frame written by the server.
@@ -53,6 +57,9 @@ pub enum Response {
     },
     /// Exactly `size` raw message bytes follow this frame, then the stream ends.
     Blob { size: u64 },
+    /// The Tag request is durable as the Tags record at `offset`; `new` is false when this
+    /// `(device, seq)` had already been recorded (a retry).
+    Tagged { offset: LogOffset, new: bool },
 }
 
 /// A record of the metadata log, with the server's offset and time of append.
@@ -159,6 +166,12 @@ impl Request {
                     .and_then(|e| e.u8(4))
                     .and_then(|e| e.bytes(&hash.0)),
             ),
+            Request::Tag { hash, add, remove, seen, seq } => {
+                done(e.array(6).and_then(|e| e.u8(5)).and_then(|e| e.bytes(&hash.0)));
+                strs(&mut e, add);
+                strs(&mut e, remove);
+                done(e.u64(*seen).and_then(|e| e.u64(*seq)));
+            }
         }
         e.into_writer()
     }
@@ -187,6 +200,13 @@ impl Request {
                 tags: r.tags()?,
             },
             4 => Request::Fetch { hash: r.hash()? },
+            5 => Request::Tag {
+                hash: r.hash()?,
+                add: r.tags()?,
+                remove: r.tags()?,
+                seen: r.u64()?,
+                seq: r.u64()?,
+            },
             k => {
                 return Err(DecodeError::UnknownKind {
                     what: "request",
@@ -201,7 +221,7 @@ impl Request {
     /// Whether executing this request changes server state. Such requests never run from
     /// 0-RTT data before the handshake completes (docs/PROTOCOL.md, "0-RTT profile").
     pub fn is_mutating(&self) -> bool {
-        matches!(self, Request::Store { .. })
+        matches!(self, Request::Store { .. } | Request::Tag { .. })
     }
 }
 
@@ -242,6 +262,10 @@ impl Response {
             Response::Blob { size } => {
                 done(e.array(2).and_then(|e| e.u8(6)).and_then(|e| e.u64(*size)))
             }
+            Response::Tagged { offset, new } => {
+                done(e.array(3).and_then(|e| e.u8(7)).and_then(|e| e.u64(*offset)));
+                done(e.bool(*new));
+            }
         }
         e.into_writer()
     }
@@ -272,6 +296,10 @@ impl Response {
                 new: r.bool()?,
             },
             6 => Response::Blob { size: r.u64()? },
+            7 => Response::Tagged {
+                offset: r.u64()?,
+                new: r.bool()?,
+            },
             k => {
                 return Err(DecodeError::UnknownKind {
                     what: "response",

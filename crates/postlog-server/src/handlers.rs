@@ -17,7 +17,6 @@ const LOG_BATCH: usize = 512;
 pub(crate) struct Conn {
     pub shared: Arc<Shared>,
     pub account: AccountId,
-    #[allow(dead_code)] // used by Tag (issue #4) for (device, seq) idempotency
     pub device: DeviceId,
     /// True once the TLS handshake is complete (no longer replayable 0-RTT data).
     pub handshake: watch::Receiver<bool>,
@@ -30,6 +29,7 @@ impl From<StoreError> for Fail {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::TooLarge { .. } => Fail(ErrorCode::TooLarge, e.to_string()),
+            StoreError::NoSuchMessage(_) => Fail(ErrorCode::NotFound, e.to_string()),
             StoreError::CorruptBlob(_) | StoreError::CorruptRecord { .. } => {
                 tracing::error!(error = %e, "corrupt blob refused");
                 Fail(ErrorCode::Corrupt, e.to_string())
@@ -77,6 +77,13 @@ pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv
             Request::Fetch { hash } => fetch(&conn, &mut send, hash).await,
             Request::Store { size, tags } => store(&conn, &mut send, &mut recv, size, tags).await,
             Request::Log { from, inline_blobs } => log(&conn, &mut send, from, inline_blobs).await,
+            Request::Tag { hash, add, remove, seen, seq } => {
+                let record = NewRecord::Tags { hash, add, remove, seen, device: conn.device, seq };
+                let appended = append(&conn, record).await?;
+                let reply = Response::Tagged { offset: appended.offset, new: appended.new };
+                send.write_all(&reply.to_frame()).await?;
+                Ok(())
+            }
         }
     }
     .await;
@@ -112,6 +119,21 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     let c = conn.clone();
     Ok(tokio::task::spawn_blocking(move || f(&c.shared, c.account)).await??)
+}
+
+/// Hands a record to the store's writer and waits until it is durable.
+async fn append(conn: &Conn, record: NewRecord) -> Result<Appended> {
+    let (tx, rx) = oneshot::channel::<std::result::Result<Appended, StoreError>>();
+    conn.shared.store.append(
+        conn.account,
+        record,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    Ok(rx
+        .await
+        .map_err(|_| Fail(ErrorCode::Internal, "storage writer stopped".into()))??)
 }
 
 async fn fetch(conn: &Arc<Conn>, send: &mut SendStream, hash: BlobHash) -> Result {
@@ -167,17 +189,7 @@ async fn store(
         ));
     }
     let blob = tokio::task::spawn_blocking(move || writer.finish()).await??;
-    let (tx, rx) = oneshot::channel::<std::result::Result<Appended, StoreError>>();
-    conn.shared.store.append(
-        conn.account,
-        NewRecord::Store { blob, tags },
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
-    let appended = rx
-        .await
-        .map_err(|_| Fail(ErrorCode::Internal, "storage writer stopped".into()))??;
+    let appended = append(conn, NewRecord::Store { blob, tags }).await?;
     let reply = Response::Stored {
         hash: appended.hash,
         offset: appended.offset,

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS blobs (
     size INTEGER NOT NULL,
     PRIMARY KEY (account_id, hash)
 ) WITHOUT ROWID;
+-- Derived from the log: which (device, seq) Tag operations are recorded, for idempotency.
+CREATE TABLE IF NOT EXISTS tag_ops (
+    account_id INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    PRIMARY KEY (account_id, device, seq)
+) WITHOUT ROWID;
 ";
 
 pub(crate) fn open(path: &Path) -> Result<Connection> {

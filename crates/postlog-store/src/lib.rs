@@ -11,8 +11,8 @@
 //!   (PostgreSQL + object storage) can come later without touching the request handlers.
 //! - [`verify`]: checks every record checksum and every blob hash.
 //!
-//! Durability order (docs/DURABILITY.md): blob fsync -> rename -> directory fsync ->
-//! record commit (fsync) -> acknowledge. An fsync failure stops all writes.
+//! Durability order (docs/DURABILITY.md): blob written -> rename -> one syncfs barrier per
+//! group -> record commit (WAL fsync) -> acknowledge. A failed barrier or commit stops writes.
 
 mod accounts;
 mod blobs;
@@ -51,6 +51,8 @@ pub enum StoreError {
         offset: u64,
         why: String,
     },
+    #[error("no message {0} in this account")]
+    NoSuchMessage(postlog_proto::BlobHash),
     #[error("message of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge { size: u64, max: u64 },
 }

@@ -21,6 +21,16 @@ const MAX_GROUP: usize = 1024;
 pub enum NewRecord {
     /// A message: placed in the blob store and recorded, unless the account already holds it.
     Store { blob: StagedBlob, tags: Vec<String> },
+    /// A tag change by `device`, idempotent by `(device, seq)`; the account must hold the
+    /// message.
+    Tags {
+        hash: BlobHash,
+        add: Vec<String>,
+        remove: Vec<String>,
+        seen: LogOffset,
+        device: DeviceId,
+        seq: u64,
+    },
 }
 
 /// The outcome of an append.
@@ -335,7 +345,7 @@ fn writer_loop(mut conn: Connection, root: PathBuf, rx: mpsc::Receiver<Job>, sha
                     }
                 }
                 for (done, (_, r)) in dones.into_iter().zip(results) {
-                    done(Ok(r));
+                    done(r);
                 }
                 if let Some(w) = watcher {
                     for (account, head) in touched {
@@ -357,7 +367,9 @@ fn writer_loop(mut conn: Connection, root: PathBuf, rx: mpsc::Receiver<Job>, sha
     }
 }
 
-type GroupResult = std::result::Result<Vec<(AccountId, Appended)>, (StoreError, bool)>;
+/// Per job its account and outcome (a job can fail alone, e.g. a Tag of an unknown
+/// message); `Err` when the whole group failed (`true`: fatal, writes stop).
+type GroupResult = std::result::Result<Vec<(AccountId, Result<Appended>)>, (StoreError, bool)>;
 
 fn commit_group(
     conn: &mut Connection,
@@ -377,6 +389,7 @@ fn commit_group(
         let mut heads: HashMap<AccountId, LogOffset> = HashMap::new();
         let mut placed: HashMap<(AccountId, BlobHash), LogOffset> = HashMap::new();
         let mut placed_any = false;
+        let mut tag_ops: HashMap<(AccountId, DeviceId, u64), LogOffset> = HashMap::new();
         let mut out = Vec::with_capacity(work.len());
         let now = now_ms();
         for (account, record) in work {
@@ -401,11 +414,11 @@ fn commit_group(
                     if let Some(offset) = existing {
                         out.push((
                             account,
-                            Appended {
+                            Ok(Appended {
                                 hash,
                                 offset: offset as u64,
                                 new: false,
-                            },
+                            }),
                         ));
                         heads.insert(account, head);
                         continue; // dropping `blob` removes the staged copy
@@ -425,12 +438,55 @@ fn commit_group(
                     heads.insert(account, head + 1);
                     out.push((
                         account,
-                        Appended {
+                        Ok(Appended {
                             hash,
                             offset: head,
                             new: true,
-                        },
+                        }),
                     ));
+                }
+                NewRecord::Tags { hash, add, remove, seen, device, seq } => {
+                    heads.insert(account, head);
+                    let held = placed.contains_key(&(account, hash))
+                        || tx
+                            .query_row(
+                                "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
+                                params![account, hash.0.as_slice()],
+                                |_| Ok(()),
+                            )
+                            .optional()
+                            .map_err(|e| not_fatal(e.into()))?
+                            .is_some();
+                    if !held {
+                        out.push((account, Err(StoreError::NoSuchMessage(hash))));
+                        continue;
+                    }
+                    let existing: Option<u64> = match tag_ops.get(&(account, device, seq)) {
+                        Some(o) => Some(*o),
+                        None => tx
+                            .query_row(
+                                "SELECT offset FROM tag_ops WHERE account_id = ?1 AND device = ?2 AND seq = ?3",
+                                params![account, device as i64, seq as i64],
+                                |r| r.get::<_, i64>(0),
+                            )
+                            .optional()
+                            .map_err(|e| not_fatal(e.into()))?
+                            .map(|o| o as u64),
+                    };
+                    if let Some(offset) = existing {
+                        out.push((account, Ok(Appended { hash, offset, new: false })));
+                        continue;
+                    }
+                    let rec = Record::Tags { hash, add, remove, seen, device, seq };
+                    insert_record(&tx, account, head, now, &rec).map_err(not_fatal)?;
+                    tx.execute(
+                        "INSERT INTO tag_ops (account_id, device, seq, offset) VALUES (?1, ?2, ?3, ?4)",
+                        params![account, device as i64, seq as i64, head as i64],
+                    )
+                    .map_err(|e| not_fatal(e.into()))?;
+                    tag_ops.insert((account, device, seq), head);
+                    heads.insert(account, head + 1);
+                    out.push((account, Ok(Appended { hash, offset: head, new: true })));
                 }
             }
         }

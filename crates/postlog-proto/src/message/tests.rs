@@ -95,6 +95,17 @@ pub(crate) fn vectors() -> Vec<(&'static str, Vec<u8>)> {
             }
             .encode(),
         ),
+        (
+            "Request::Tag",
+            req(Request::Tag {
+                hash: h(3),
+                add: vec!["flagged".into()],
+                remove: vec!["unread".into()],
+                seen: 9,
+                seq: 1,
+            }),
+        ),
+        ("Response::Tagged", resp(Response::Tagged { offset: 10, new: true })),
     ]
 }
 
@@ -274,6 +285,8 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u64>(), prop::collection::vec(tag(), 0..5))
             .prop_map(|(size, tags)| Request::Store { size, tags }),
         hash().prop_map(|hash| Request::Fetch { hash }),
+        (hash(), prop::collection::vec(tag(), 0..4), prop::collection::vec(tag(), 0..4), any::<u64>(), any::<u64>())
+            .prop_map(|(hash, add, remove, seen, seq)| Request::Tag { hash, add, remove, seen, seq }),
     ]
 }
 
@@ -297,6 +310,7 @@ fn response() -> impl Strategy<Value = Response> {
             new
         }),
         any::<u64>().prop_map(|size| Response::Blob { size }),
+        (any::<u64>(), any::<bool>()).prop_map(|(offset, new)| Response::Tagged { offset, new }),
     ]
 }
 
