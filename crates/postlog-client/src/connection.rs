@@ -311,6 +311,31 @@ impl Connection {
         }
     }
 
+    /// Sends a tag change (idempotent by this device's `seq`); returns the offset of its
+    /// Tags record and whether this request appended it.
+    pub async fn tag(
+        &self,
+        hash: &BlobHash,
+        add: &[String],
+        remove: &[String],
+        seen: LogOffset,
+        seq: u64,
+    ) -> Result<(LogOffset, bool)> {
+        let req = Request::Tag {
+            hash: *hash,
+            add: add.to_vec(),
+            remove: remove.to_vec(),
+            seen,
+            seq,
+        };
+        let (mut send, mut recv) = self.request(&req).await?;
+        let _ = send.finish();
+        match Self::response(&mut recv).await? {
+            Response::Tagged { offset, new } => Ok((offset, new)),
+            other => Err(ClientError::from_response(other)),
+        }
+    }
+
     /// Opens a Log stream from `from`. With `inline_blobs`, Store entries carry the message.
     pub async fn log(&self, from: LogOffset, inline_blobs: bool) -> Result<LogStream> {
         let (send, recv) = self.request(&Request::Log { from, inline_blobs }).await?;

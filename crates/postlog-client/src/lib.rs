@@ -7,6 +7,8 @@
 //! - [`Maildir`]: the local replica, written durably in batches (one barrier per batch).
 //! - [`sync`]: the sync engine: Log from the durable cursor, write mail, advance the cursor
 //!   only after what it covers is durable; `watch` keeps going and reconnects.
+//! - [`state`]: the replica's tag CRDT state, Maildir names and queued local tag changes
+//!   (`PROFILE/state.db`).
 //! - [`import`]: store an existing Maildir's messages on the server, many at once.
 //!
 //! Architecture invariant: the cursor on disk never covers a record whose effects are not
@@ -16,6 +18,7 @@ mod connection;
 pub mod import;
 mod maildir;
 mod profile;
+pub mod state;
 pub mod sync;
 
 pub use connection::{ClientError, Connection, Endpoint, LogItem, LogStream};

@@ -5,7 +5,7 @@
 //! made durable with one filesystem barrier (`syncfs`), renamed into place, and then the two
 //! directories are fsynced. A crash leaves at most `tmp/postlog.*` files, removed on open.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use postlog_proto::BlobHash;
@@ -29,17 +29,15 @@ type Result<T> = std::result::Result<T, MaildirError>;
 /// Prefix of the files this client writes into `tmp/`.
 const TMP_PREFIX: &str = "postlog.";
 
-/// One message to write.
+/// One message to write, at `name` (`new/<hash>` or `cur/<hash>:2,FLAGS`).
 pub struct NewMessage<'a> {
     pub hash: BlobHash,
     pub bytes: &'a [u8],
-    /// Maildir flags (sorted ASCII letters); `None` means unread and goes to `new/`.
-    pub flags: Option<String>,
+    pub name: String,
 }
 
 pub struct Maildir {
     root: PathBuf,
-    known: Option<HashSet<BlobHash>>,
 }
 
 impl Maildir {
@@ -67,7 +65,6 @@ impl Maildir {
         }
         Ok(Maildir {
             root: root.to_owned(),
-            known: None,
         })
     }
 
@@ -75,14 +72,16 @@ impl Maildir {
         &self.root
     }
 
-    /// The hashes of every message file in `cur/` and `new/` (names starting with a hash).
-    pub fn scan(&self) -> Result<HashSet<BlobHash>> {
-        let mut out = HashSet::new();
+    /// Every message file in `cur/` and `new/` whose name starts with a hash, by hash
+    /// (`cur/<name>` or `new/<name>`).
+    pub fn scan(&self) -> Result<HashMap<BlobHash, String>> {
+        let mut out = HashMap::new();
         for sub in ["cur", "new"] {
             let d = self.root.join(sub);
             for e in std::fs::read_dir(&d).map_err(err(&d))?.flatten() {
-                if let Some(h) = hash_of_name(&e.file_name().to_string_lossy()) {
-                    out.insert(h);
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(h) = hash_of_name(&name) {
+                    out.insert(h, format!("{sub}/{name}"));
                 }
             }
         }
@@ -94,30 +93,24 @@ impl Maildir {
         Ok(self.scan()?.len())
     }
 
-    fn known(&mut self) -> Result<&mut HashSet<BlobHash>> {
-        if self.known.is_none() {
-            self.known = Some(self.scan()?);
-        }
-        Ok(self.known.get_or_insert_with(HashSet::new))
+    pub fn exists(&self, name: &str) -> bool {
+        self.root.join(name).exists()
     }
 
-    /// Writes a batch durably; messages already present are skipped (so a batch replayed
-    /// after a crash adds nothing twice). Returns how many files were added.
+    /// Writes a batch durably; a message whose file already exists at its name is skipped
+    /// (so a batch replayed after a crash adds nothing twice). Returns how many files were
+    /// added.
     pub fn write_batch(&mut self, batch: &[NewMessage<'_>]) -> Result<usize> {
         let tmp = self.root.join("tmp");
         let mut staged = Vec::new();
         let mut seen_in_batch = HashSet::new();
         for m in batch {
-            if self.known()?.contains(&m.hash) || !seen_in_batch.insert(m.hash) {
+            if !seen_in_batch.insert(m.hash) || self.exists(&m.name) {
                 continue;
             }
             let t = tmp.join(format!("{TMP_PREFIX}{}", m.hash));
             std::fs::write(&t, m.bytes).map_err(err(&t))?;
-            let dest = match &m.flags {
-                None => self.root.join("new").join(m.hash.to_hex()),
-                Some(f) => self.root.join("cur").join(format!("{}:2,{f}", m.hash)),
-            };
-            staged.push((t, dest, m.hash));
+            staged.push((t, self.root.join(&m.name)));
         }
         if staged.is_empty() {
             return Ok(0);
@@ -128,13 +121,30 @@ impl Maildir {
             path: tmp.clone(),
             source: e.into(),
         })?;
-        for (t, dest, hash) in &staged {
+        for (t, dest) in &staged {
             std::fs::rename(t, dest).map_err(err(dest))?;
-            self.known()?.insert(*hash);
         }
-        fsync_dir(&self.root.join("new"))?;
-        fsync_dir(&self.root.join("cur"))?;
+        self.sync_dirs()?;
         Ok(staged.len())
+    }
+
+    /// Renames a message file (e.g. to new flags). `Ok(false)` if `from` is gone (a mail
+    /// reader moved it meanwhile; the next scan sees where).
+    pub fn rename(&self, from: &str, to: &str) -> Result<bool> {
+        match std::fs::rename(self.root.join(from), self.root.join(to)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(MaildirError {
+                path: self.root.join(from),
+                source: e,
+            }),
+        }
+    }
+
+    /// Makes renames and new files in `cur/` and `new/` durable.
+    pub fn sync_dirs(&self) -> Result<()> {
+        fsync_dir(&self.root.join("new"))?;
+        fsync_dir(&self.root.join("cur"))
     }
 }
 
@@ -160,21 +170,22 @@ mod tests {
         let mut md = Maildir::open(&root).unwrap();
         let a = b"Subject: a\n\nx".to_vec();
         let b = b"Subject: b\n\ny".to_vec();
+        let (ha, hb) = (BlobHash::of(&a), BlobHash::of(&b));
         let batch = [
             NewMessage {
-                hash: BlobHash::of(&a),
+                hash: ha,
                 bytes: &a,
-                flags: None,
+                name: format!("new/{ha}"),
             },
             NewMessage {
-                hash: BlobHash::of(&b),
+                hash: hb,
                 bytes: &b,
-                flags: Some("S".into()),
+                name: format!("cur/{hb}:2,S"),
             },
             NewMessage {
-                hash: BlobHash::of(&b),
+                hash: hb,
                 bytes: &b,
-                flags: Some("S".into()),
+                name: format!("cur/{hb}:2,S"),
             },
         ];
         assert_eq!(md.write_batch(&batch).unwrap(), 2);
@@ -183,7 +194,17 @@ mod tests {
         let md = Maildir::open(&root).unwrap();
         assert_eq!(md.count().unwrap(), 2);
         assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
-        let cur = root.join("cur").join(format!("{}:2,S", BlobHash::of(&b)));
-        assert_eq!(std::fs::read(cur).unwrap(), b);
+        assert_eq!(
+            std::fs::read(root.join(format!("cur/{hb}:2,S"))).unwrap(),
+            b
+        );
+        assert!(
+            md.rename(&format!("cur/{hb}:2,S"), &format!("cur/{hb}:2,FS"))
+                .unwrap()
+        );
+        assert!(
+            !md.rename(&format!("cur/{hb}:2,S"), &format!("cur/{hb}:2,F"))
+                .unwrap()
+        );
     }
 }

@@ -6,17 +6,25 @@
 //! sync stops at `Live` (the Head when the server started answering); `watch` goes on and
 //! applies each pushed record as it arrives, reconnecting with backoff.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use postlog_proto::{BlobHash, LogOffset, Record};
+use postlog_proto::tags::TagState;
+use postlog_proto::{BlobHash, ErrorCode, LogEntry, LogOffset, Record};
 use tokio::sync::mpsc;
 
 use crate::maildir::NewMessage;
+use crate::state::{State, StateError, desired_name};
 use crate::{
     ClientError, Connection, Endpoint, LogItem, Maildir, MaildirError, Profile, ProfileError,
 };
+
+/// Tag requests in flight at once when sending local changes.
+const TAG_CONCURRENCY: usize = 64;
+/// How often `watch` looks for flag changes made by mail readers.
+pub const LOCAL_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A batch is flushed when it holds this many bytes of mail...
 const BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -31,6 +39,8 @@ pub enum SyncError {
     Maildir(#[from] MaildirError),
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error(
         "this replica's cursor ({cursor}) is ahead of the server's head ({head}): the server \
          lost records or this profile belongs to another server; log in again"
@@ -67,32 +77,74 @@ pub struct SyncReport {
     pub elapsed: Duration,
 }
 
-/// Turns a record's tags into Maildir flags; `None` for plain unread mail (`new/`).
-pub fn flags_for_tags(tags: &[String]) -> Option<String> {
-    let has = |t: &str| tags.iter().any(|x| x == t);
-    let mut flags = String::new();
-    for (tag, flag) in [
-        ("draft", 'D'),
-        ("flagged", 'F'),
-        ("passed", 'P'),
-        ("replied", 'R'),
-    ] {
-        if has(tag) {
-            flags.push(flag);
+/// Finds local tag changes (Maildir flags changed by mail readers since the last scan),
+/// queues them durably, and sends every queued change to the server. Returns how many
+/// were sent. A change for a message the server no longer holds is dropped.
+pub async fn push_local_changes(profile: &Profile, conn: &Connection) -> Result<usize, SyncError> {
+    let p = profile.clone();
+    let pending = tokio::task::spawn_blocking(move || -> Result<_, SyncError> {
+        let mut state = State::open(&p.dir)?;
+        let seen = p.cursor()?.saturating_sub(1);
+        state.scan_maildir(&p.maildir, seen)?;
+        Ok(state.pending()?)
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(format!("scan task: {e}")))??;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let mut done = Vec::new();
+    let mut failed = None;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut iter = pending.into_iter();
+    loop {
+        while tasks.len() < TAG_CONCURRENCY {
+            let Some(op) = iter.next() else { break };
+            let conn = conn.clone();
+            tasks.spawn(async move {
+                let r = conn
+                    .tag(&op.hash, &op.add, &op.remove, op.seen, op.seq)
+                    .await;
+                (op.seq, r)
+            });
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        let (seq, r) = joined.map_err(|e| ClientError::Protocol(format!("tag task: {e}")))?;
+        match r {
+            Ok(_)
+            | Err(ClientError::Server {
+                code: Some(ErrorCode::NotFound),
+                ..
+            }) => done.push(seq),
+            Err(e) => failed = Some(e),
         }
     }
-    if !has("unread") {
-        flags.push('S');
+    let sent = done.len();
+    let p = profile.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
+        let mut state = State::open(&p.dir)?;
+        let tx = state.conn().transaction().map_err(StateError::from)?;
+        for seq in done {
+            tx.execute("DELETE FROM pending WHERE seq = ?1", [seq as i64])
+                .map_err(StateError::from)?;
+        }
+        tx.commit().map_err(StateError::from)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(format!("state task: {e}")))??;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(sent),
     }
-    if has("deleted") {
-        flags.push('T');
-    }
-    if flags.is_empty() { None } else { Some(flags) }
 }
 
-/// Messages of one batch and the cursor the batch completes.
+/// Records of one batch (with the bytes of inline Store records) and the cursor the batch
+/// completes.
 struct Batch {
-    messages: Vec<(BlobHash, Vec<u8>, Option<String>)>,
+    entries: Vec<(LogEntry, Option<Vec<u8>>)>,
     bytes: usize,
     cursor: LogOffset,
 }
@@ -100,13 +152,13 @@ struct Batch {
 impl Batch {
     fn new(cursor: LogOffset) -> Self {
         Batch {
-            messages: Vec::new(),
+            entries: Vec::new(),
             bytes: 0,
             cursor,
         }
     }
     fn full(&self) -> bool {
-        self.bytes >= BATCH_BYTES || self.messages.len() >= BATCH_MESSAGES
+        self.bytes >= BATCH_BYTES || self.entries.len() >= BATCH_MESSAGES
     }
 }
 
@@ -118,19 +170,11 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> (mpsc::Sender<Batc
     let (tx, mut rx) = mpsc::channel::<Batch>(2);
     let handle = tokio::task::spawn_blocking(move || {
         let mut maildir = Maildir::open(&profile.maildir)?;
+        let mut state = State::open(&profile.dir)?;
         let mut cursor = profile.cursor()?;
         let mut added = 0u64;
         while let Some(batch) = rx.blocking_recv() {
-            let msgs: Vec<NewMessage<'_>> = batch
-                .messages
-                .iter()
-                .map(|(hash, bytes, flags)| NewMessage {
-                    hash: *hash,
-                    bytes,
-                    flags: flags.clone(),
-                })
-                .collect();
-            let n = maildir.write_batch(&msgs)? as u64;
+            let n = apply_batch(&mut maildir, &mut state, &batch)?;
             added += n;
             if batch.cursor > cursor {
                 profile.set_cursor(batch.cursor)?;
@@ -138,9 +182,78 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> (mpsc::Sender<Batc
             }
             progress.messages.fetch_add(n, Ordering::Relaxed);
         }
+        state.remember_maildir(&profile.maildir)?;
         Ok((added, cursor))
     });
     (tx, handle)
+}
+
+/// Applies one batch of records: the tag CRDT in the local state, new message files, and
+/// renames of existing files whose flags changed. The files are durable before the state
+/// transaction commits, and the caller saves the cursor only after both (see `state`).
+fn apply_batch(maildir: &mut Maildir, state: &mut State, batch: &Batch) -> Result<u64, SyncError> {
+    let tx = state.conn().transaction().map_err(StateError::from)?;
+    let mut touched: BTreeMap<BlobHash, TagState> = BTreeMap::new();
+    let mut blobs: HashMap<BlobHash, &[u8]> = HashMap::new();
+    for (entry, blob) in &batch.entries {
+        // Send and Scrub records are applied by later issues (sending, deletion).
+        let (Record::Store { hash, .. } | Record::Tags { hash, .. }) = &entry.record else {
+            continue;
+        };
+        let st = match touched.entry(*hash) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(State::tags_of(&tx, hash)?),
+        };
+        match &entry.record {
+            Record::Store { tags, .. } => {
+                if let Some(b) = blob {
+                    blobs.insert(*hash, b);
+                }
+                st.apply_store(entry.offset, tags);
+            }
+            Record::Tags {
+                add,
+                remove,
+                seen,
+                device,
+                ..
+            } => st.apply_op(entry.offset, add, remove, *seen, *device),
+            _ => {}
+        }
+    }
+    let mut new_files = Vec::new();
+    let mut renamed = false;
+    for (hash, st) in &touched {
+        let tags = st.tags();
+        let recorded = State::name_of(&tx, hash)?.filter(|n| maildir.exists(n));
+        match recorded {
+            Some(current) => {
+                let want = desired_name(hash, &tags, Some(&current));
+                if want != current && maildir.rename(&current, &want)? {
+                    renamed = true;
+                    State::set_name(&tx, hash, &want)?;
+                }
+            }
+            None => {
+                if let Some(bytes) = blobs.get(hash) {
+                    let name = desired_name(hash, &tags, None);
+                    State::set_name(&tx, hash, &name)?;
+                    new_files.push(NewMessage {
+                        hash: *hash,
+                        bytes,
+                        name,
+                    });
+                }
+            }
+        }
+        State::put_tags(&tx, hash, st)?;
+    }
+    let added = maildir.write_batch(&new_files)? as u64;
+    if renamed {
+        maildir.sync_dirs()?;
+    }
+    tx.commit().map_err(StateError::from)?;
+    Ok(added)
 }
 
 /// Reads log items into batches until `Live` (oneshot) or forever (`watch`).
@@ -161,14 +274,14 @@ async fn stream_into(
             LogItem::Entry(entry, blob) => {
                 records += 1;
                 progress.received.store(entry.offset + 1, Ordering::Relaxed);
-                if let (Record::Store { hash, tags, .. }, Some(bytes)) = (&entry.record, blob) {
+                if let Some(bytes) = &blob {
                     progress
                         .bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     batch.bytes += bytes.len();
-                    batch.messages.push((*hash, bytes, flags_for_tags(tags)));
                 }
                 batch.cursor = entry.offset + 1;
+                batch.entries.push((entry, blob));
             }
             LogItem::Live(head) => {
                 batch.cursor = batch.cursor.max(head);
@@ -209,7 +322,11 @@ pub async fn sync_once(
     let started = Instant::now();
     let cursor = profile.cursor()?;
     let conn = endpoint.connect(&profile.login).await?;
-    let head = conn.head_at_auth;
+    let mut head = conn.head_at_auth;
+    if push_local_changes(profile, &conn).await? > 0 {
+        // Our own changes are now records too: read them back like any other.
+        head = conn.head().await?;
+    }
     progress.head.store(head, Ordering::Relaxed);
     progress.start.store(cursor, Ordering::Relaxed);
     if cursor > head {
@@ -271,7 +388,16 @@ pub async fn watch(
             ));
             connected.store(true, Ordering::Relaxed);
             let (tx, writer) = spawn_writer(profile.clone(), progress.clone());
-            let streamed = stream_into(&conn, cursor, &tx, &progress, true).await;
+            let local = async {
+                loop {
+                    push_local_changes(profile, &conn).await?;
+                    tokio::time::sleep(LOCAL_SCAN_INTERVAL).await;
+                }
+            };
+            let streamed = tokio::select! {
+                r = stream_into(&conn, cursor, &tx, &progress, true) => r,
+                r = local => r,
+            };
             let written = finish_writer(tx, writer).await;
             written?;
             streamed.map(|_| ())
@@ -296,25 +422,5 @@ pub async fn watch(
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tags_map_to_maildir_flags() {
-        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(flags_for_tags(&t(&["inbox", "unread"])), None);
-        assert_eq!(flags_for_tags(&t(&["inbox"])).as_deref(), Some("S"));
-        assert_eq!(
-            flags_for_tags(&t(&["unread", "flagged"])).as_deref(),
-            Some("F")
-        );
-        assert_eq!(
-            flags_for_tags(&t(&["replied", "deleted", "draft", "passed", "flagged"])).as_deref(),
-            Some("DFPRST")
-        );
     }
 }

@@ -32,7 +32,13 @@ pub enum Request {
     /// Change a message's tags (see [`crate::tags`]). `seen` is the highest log offset the
     /// device had applied when it made the change; `(device, seq)` makes the request
     /// idempotent, the device being the authenticated one.
-    Tag { hash: BlobHash, add: Vec<String>, remove: Vec<String>, seen: LogOffset, seq: u64 },
+    Tag {
+        hash: BlobHash,
+        add: Vec<String>,
+        remove: Vec<String>,
+        seen: LogOffset,
+        seq: u64,
+    },
 }
 
 /// A response frame written by the server.
@@ -166,8 +172,18 @@ impl Request {
                     .and_then(|e| e.u8(4))
                     .and_then(|e| e.bytes(&hash.0)),
             ),
-            Request::Tag { hash, add, remove, seen, seq } => {
-                done(e.array(6).and_then(|e| e.u8(5)).and_then(|e| e.bytes(&hash.0)));
+            Request::Tag {
+                hash,
+                add,
+                remove,
+                seen,
+                seq,
+            } => {
+                done(
+                    e.array(6)
+                        .and_then(|e| e.u8(5))
+                        .and_then(|e| e.bytes(&hash.0)),
+                );
                 strs(&mut e, add);
                 strs(&mut e, remove);
                 done(e.u64(*seen).and_then(|e| e.u64(*seq)));
@@ -263,7 +279,11 @@ impl Response {
                 done(e.array(2).and_then(|e| e.u8(6)).and_then(|e| e.u64(*size)))
             }
             Response::Tagged { offset, new } => {
-                done(e.array(3).and_then(|e| e.u8(7)).and_then(|e| e.u64(*offset)));
+                done(
+                    e.array(3)
+                        .and_then(|e| e.u8(7))
+                        .and_then(|e| e.u64(*offset)),
+                );
                 done(e.bool(*new));
             }
         }

@@ -38,7 +38,10 @@ impl TagState {
     /// Applies a Store record's initial tags.
     pub fn apply_store(&mut self, offset: LogOffset, tags: &[String]) {
         for t in tags {
-            self.dots.entry(t.clone()).or_default().insert(Dot { offset, device: 0 });
+            self.dots
+                .entry(t.clone())
+                .or_default()
+                .insert(Dot { offset, device: 0 });
         }
     }
 
@@ -60,7 +63,10 @@ impl TagState {
             }
         }
         for t in add {
-            self.dots.entry(t.clone()).or_default().insert(Dot { offset, device });
+            self.dots
+                .entry(t.clone())
+                .or_default()
+                .insert(Dot { offset, device });
         }
     }
 
@@ -75,7 +81,9 @@ impl TagState {
 
     /// Every `(tag, dot)`: the whole state, for storing it.
     pub fn dots(&self) -> impl Iterator<Item = (&str, Dot)> {
-        self.dots.iter().flat_map(|(t, ds)| ds.iter().map(move |d| (t.as_str(), *d)))
+        self.dots
+            .iter()
+            .flat_map(|(t, ds)| ds.iter().map(move |d| (t.as_str(), *d)))
     }
 
     /// Rebuilds a state from stored dots.

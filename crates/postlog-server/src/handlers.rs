@@ -30,6 +30,7 @@ impl From<StoreError> for Fail {
         match e {
             StoreError::TooLarge { .. } => Fail(ErrorCode::TooLarge, e.to_string()),
             StoreError::NoSuchMessage(_) => Fail(ErrorCode::NotFound, e.to_string()),
+            StoreError::Invalid { .. } => Fail(ErrorCode::Invalid, e.to_string()),
             StoreError::CorruptBlob(_) | StoreError::CorruptRecord { .. } => {
                 tracing::error!(error = %e, "corrupt blob refused");
                 Fail(ErrorCode::Corrupt, e.to_string())
@@ -77,10 +78,26 @@ pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv
             Request::Fetch { hash } => fetch(&conn, &mut send, hash).await,
             Request::Store { size, tags } => store(&conn, &mut send, &mut recv, size, tags).await,
             Request::Log { from, inline_blobs } => log(&conn, &mut send, from, inline_blobs).await,
-            Request::Tag { hash, add, remove, seen, seq } => {
-                let record = NewRecord::Tags { hash, add, remove, seen, device: conn.device, seq };
+            Request::Tag {
+                hash,
+                add,
+                remove,
+                seen,
+                seq,
+            } => {
+                let record = NewRecord::Tags {
+                    hash,
+                    add,
+                    remove,
+                    seen,
+                    device: conn.device,
+                    seq,
+                };
                 let appended = append(&conn, record).await?;
-                let reply = Response::Tagged { offset: appended.offset, new: appended.new };
+                let reply = Response::Tagged {
+                    offset: appended.offset,
+                    new: appended.new,
+                };
                 send.write_all(&reply.to_frame()).await?;
                 Ok(())
             }

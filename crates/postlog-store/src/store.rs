@@ -445,7 +445,14 @@ fn commit_group(
                         }),
                     ));
                 }
-                NewRecord::Tags { hash, add, remove, seen, device, seq } => {
+                NewRecord::Tags {
+                    hash,
+                    add,
+                    remove,
+                    seen,
+                    device,
+                    seq,
+                } => {
                     heads.insert(account, head);
                     let held = placed.contains_key(&(account, hash))
                         || tx
@@ -473,11 +480,48 @@ fn commit_group(
                             .map_err(|e| not_fatal(e.into()))?
                             .map(|o| o as u64),
                     };
+                    let rec = Record::Tags {
+                        hash,
+                        add,
+                        remove,
+                        seen,
+                        device,
+                        seq,
+                    };
                     if let Some(offset) = existing {
-                        out.push((account, Ok(Appended { hash, offset, new: false })));
+                        // A retry must be the same operation; a different one with a used
+                        // (device, seq) means two replicas share one device's login.
+                        let body: Option<Vec<u8>> = tx
+                            .query_row(
+                                "SELECT body FROM log WHERE account_id = ?1 AND offset = ?2",
+                                params![account, offset as i64],
+                                |r| r.get(0),
+                            )
+                            .optional()
+                            .map_err(|e| not_fatal(e.into()))?;
+                        let same = body.is_none_or(|b| b == rec.encode());
+                        out.push((
+                            account,
+                            if same {
+                                Ok(Appended {
+                                    hash,
+                                    offset,
+                                    new: false,
+                                })
+                            } else {
+                                Err(StoreError::Invalid {
+                                    what: "tag operation",
+                                    why: format!(
+                                        "device {device} already used operation number {seq} for \
+                                         another change: is this device's login in use on two \
+                                         machines? Give each machine its own device \
+                                         (postlog account add)"
+                                    ),
+                                })
+                            },
+                        ));
                         continue;
                     }
-                    let rec = Record::Tags { hash, add, remove, seen, device, seq };
                     insert_record(&tx, account, head, now, &rec).map_err(not_fatal)?;
                     tx.execute(
                         "INSERT INTO tag_ops (account_id, device, seq, offset) VALUES (?1, ?2, ?3, ?4)",
@@ -486,7 +530,14 @@ fn commit_group(
                     .map_err(|e| not_fatal(e.into()))?;
                     tag_ops.insert((account, device, seq), head);
                     heads.insert(account, head + 1);
-                    out.push((account, Ok(Appended { hash, offset: head, new: true })));
+                    out.push((
+                        account,
+                        Ok(Appended {
+                            hash,
+                            offset: head,
+                            new: true,
+                        }),
+                    ));
                 }
             }
         }

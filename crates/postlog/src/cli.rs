@@ -42,6 +42,8 @@ pub enum Command {
     /// Store existing mail on the server.
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Change a message's tags (+TAG adds, -TAG removes), or print its tags (no +/-).
+    Tag(TagArgs),
     /// Show server, account, cursor, Head and local message count.
     Status(ProfileArg),
     /// Run a self-contained demonstration on loopback, with timings; needs no setup.
@@ -167,6 +169,18 @@ pub enum ImportCmd {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  postlog tag +flagged -unread 3f2a...  (64-hex message hashes; Maildir file names start with them)\n  postlog tag 3f2a...                   (prints the message's tags, one per line)\n\nThe change is sent at once when the server is reachable, else at the next sync."
+)]
+pub struct TagArgs {
+    #[command(flatten)]
+    pub profile: ProfileArg,
+    /// +TAG, -TAG and message hashes, in any order.
+    #[arg(required = true, allow_hyphen_values = true, num_args = 1.., value_name = "+TAG|-TAG|HASH")]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Messages in the generated sample mailbox.
     #[arg(long, default_value_t = 3000)]
@@ -188,6 +202,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quiet,
         }) => c::import_maildir(src, profile, quiet).await,
         Command::Status(a) => c::status(a).await,
+        Command::Tag(a) => c::tag(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
     }
 }

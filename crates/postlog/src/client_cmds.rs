@@ -9,7 +9,7 @@ use anyhow::Context;
 use postlog_client::sync::{self, Progress};
 use postlog_client::{ClientError, Endpoint, LoginUrl, Maildir, Profile};
 
-use crate::cli::{LoginArgs, ProfileArg, SyncArgs};
+use crate::cli::{LoginArgs, ProfileArg, SyncArgs, TagArgs};
 use crate::progress::Bar;
 
 fn load(p: &ProfileArg) -> anyhow::Result<Profile> {
@@ -168,4 +168,67 @@ pub async fn status(p: ProfileArg) -> anyhow::Result<ExitCode> {
         Err(e) => println!("head:     unknown ({e})"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn tag(a: TagArgs) -> anyhow::Result<ExitCode> {
+    use postlog_client::state::State;
+    use postlog_proto::BlobHash;
+    let profile = load(&a.profile)?;
+    let (mut add, mut remove, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
+    for arg in &a.args {
+        if let Some(t) = arg.strip_prefix('+') {
+            add.push(t.to_string());
+        } else if let Some(t) = arg.strip_prefix('-') {
+            remove.push(t.to_string());
+        } else {
+            let h: BlobHash = arg.parse().with_context(|| format!("{arg:?}"))?;
+            hashes.push(h);
+        }
+    }
+    if hashes.is_empty() {
+        anyhow::bail!("name at least one message hash");
+    }
+    for t in add.iter().chain(&remove) {
+        anyhow::ensure!(postlog_proto::message::valid_tag(t), "invalid tag {t:?}");
+    }
+    let mut state = State::open(&profile.dir)?;
+    for h in &hashes {
+        anyhow::ensure!(
+            State::name_of(state.conn(), h)?.is_some(),
+            "message {h} is not in this replica (sync first?)"
+        );
+    }
+    if add.is_empty() && remove.is_empty() {
+        for h in &hashes {
+            let tags = State::tags_of(state.conn(), h)?.tags();
+            if hashes.len() == 1 {
+                for t in tags {
+                    println!("{t}");
+                }
+            } else {
+                println!("{h}\t{}", tags.join(" "));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let seen = profile.cursor()?.saturating_sub(1);
+    {
+        let tx = state.conn().transaction()?;
+        for h in &hashes {
+            State::queue_op(&tx, h, &add, &remove, seen)?;
+        }
+        tx.commit()?;
+    }
+    drop(state);
+    let endpoint = Endpoint::new(&profile.login.fingerprint)?;
+    match sync::sync_once(&profile, &endpoint, Arc::new(Progress::default())).await {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is_retryable() => {
+            eprintln!(
+                "queued; the server is not reachable ({e}), so the change is sent at the next sync"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -105,7 +105,13 @@ pub(crate) fn vectors() -> Vec<(&'static str, Vec<u8>)> {
                 seq: 1,
             }),
         ),
-        ("Response::Tagged", resp(Response::Tagged { offset: 10, new: true })),
+        (
+            "Response::Tagged",
+            resp(Response::Tagged {
+                offset: 10,
+                new: true,
+            }),
+        ),
     ]
 }
 
@@ -285,8 +291,20 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u64>(), prop::collection::vec(tag(), 0..5))
             .prop_map(|(size, tags)| Request::Store { size, tags }),
         hash().prop_map(|hash| Request::Fetch { hash }),
-        (hash(), prop::collection::vec(tag(), 0..4), prop::collection::vec(tag(), 0..4), any::<u64>(), any::<u64>())
-            .prop_map(|(hash, add, remove, seen, seq)| Request::Tag { hash, add, remove, seen, seq }),
+        (
+            hash(),
+            prop::collection::vec(tag(), 0..4),
+            prop::collection::vec(tag(), 0..4),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(hash, add, remove, seen, seq)| Request::Tag {
+                hash,
+                add,
+                remove,
+                seen,
+                seq
+            }),
     ]
 }
 

@@ -54,7 +54,12 @@ struct Op {
 #[derive(Clone, Debug)]
 enum Step {
     /// Replica `r` makes a change on its current view (offline: queued, not sent).
-    Edit { r: usize, msg: usize, add: Vec<usize>, remove: Vec<usize> },
+    Edit {
+        r: usize,
+        msg: usize,
+        add: Vec<usize>,
+        remove: Vec<usize>,
+    },
     /// Replica `r` sends its queue; the server appends each op it has not seen (by
     /// (device, seq)); `dup` resends the first op again (a retry after a lost answer).
     Send { r: usize, dup: bool, reverse: bool },
@@ -90,7 +95,9 @@ struct Replica {
 fn apply(state: &mut [TagState], offset: usize, e: &Entry) {
     match e {
         Entry::Store { msg, tags } => state[*msg].apply_store(offset as u64, tags),
-        Entry::Op(op) => state[op.msg].apply_op(offset as u64, &op.add, &op.remove, op.seen, op.device),
+        Entry::Op(op) => {
+            state[op.msg].apply_op(offset as u64, &op.add, &op.remove, op.seen, op.device)
+        }
     }
 }
 

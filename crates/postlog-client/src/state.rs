@@ -1,0 +1,404 @@
+//! The replica's local state (`PROFILE/state.db`, SQLite): every message's tag CRDT state,
+//! the Maildir file name last written or seen for it, and the queue of local tag changes not
+//! yet acknowledged by the server.
+//!
+//! Maildir flags are how mail readers change tags: a sync compares each file's flags with
+//! the name recorded here, turns a difference into a Tag operation (queued durably, then
+//! sent), and records the new name. Remote changes go the other way: records are applied
+//! to the CRDT and files are renamed to the flags of the resulting tags.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use postlog_proto::tags::{Dot, TagState};
+use postlog_proto::{BlobHash, LogOffset};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::maildir::hash_of_name;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("local state database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("Maildir {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = StateError> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (hash BLOB PRIMARY KEY, name TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dots (
+    hash BLOB NOT NULL, tag TEXT NOT NULL, offset INTEGER NOT NULL, device INTEGER NOT NULL,
+    PRIMARY KEY (hash, tag, offset, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
+    seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, add_tags TEXT NOT NULL,
+    remove_tags TEXT NOT NULL, seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+";
+
+/// The tags Maildir flags stand for.
+pub const FLAG_TAGS: [(char, &str); 5] = [
+    ('D', "draft"),
+    ('F', "flagged"),
+    ('P', "passed"),
+    ('R', "replied"),
+    ('T', "deleted"),
+];
+
+/// The flag letters (sorted) for a set of tags: `S` unless `unread`, and the flag tags.
+pub fn flags_of_tags(tags: &[String]) -> String {
+    let has = |t: &str| tags.iter().any(|x| x == t);
+    let mut f: Vec<char> = FLAG_TAGS
+        .iter()
+        .filter(|(_, t)| has(t))
+        .map(|(c, _)| *c)
+        .collect();
+    if !has("unread") {
+        f.push('S');
+    }
+    f.sort_unstable();
+    f.into_iter().collect()
+}
+
+/// The flag-tags a Maildir file name stands for (`sub` is `cur` or `new`).
+pub fn tags_of_name(sub: &str, name: &str) -> BTreeSet<String> {
+    let flags = if sub == "new" {
+        ""
+    } else {
+        name.rsplit_once(":2,").map(|(_, f)| f).unwrap_or("")
+    };
+    let mut out: BTreeSet<String> = FLAG_TAGS
+        .iter()
+        .filter(|(c, _)| flags.contains(*c))
+        .map(|(_, t)| t.to_string())
+        .collect();
+    if sub == "new" || !flags.contains('S') {
+        out.insert("unread".into());
+    }
+    out
+}
+
+/// Where a message with these tags belongs, given where its file is now (`None`: new file).
+/// Plain unread mail stays in (or goes to) `new/`; mail a reader moved to `cur/` stays there.
+pub fn desired_name(hash: &BlobHash, tags: &[String], current: Option<&str>) -> String {
+    let flags = flags_of_tags(tags);
+    let in_cur = current.is_some_and(|c| c.starts_with("cur/"));
+    if flags.is_empty() && !in_cur {
+        format!("new/{hash}")
+    } else {
+        format!("cur/{hash}:2,{flags}")
+    }
+}
+
+/// A queued local tag change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingOp {
+    pub seq: u64,
+    pub hash: BlobHash,
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+    pub seen: LogOffset,
+}
+
+pub struct State {
+    conn: Connection,
+}
+
+fn join(v: &[String]) -> String {
+    v.join("\n")
+}
+
+fn split(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        s.split('\n').map(str::to_owned).collect()
+    }
+}
+
+impl State {
+    pub fn open(profile_dir: &Path) -> Result<State> {
+        let conn = Connection::open(profile_dir.join("state.db"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(State { conn })
+    }
+
+    pub fn conn(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    /// A message's tag state.
+    pub fn tags_of(conn: &Connection, hash: &BlobHash) -> Result<TagState> {
+        let mut stmt =
+            conn.prepare_cached("SELECT tag, offset, device FROM dots WHERE hash = ?1")?;
+        let rows = stmt.query_map([hash.0.as_slice()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Dot {
+                    offset: r.get::<_, i64>(1)? as u64,
+                    device: r.get::<_, i64>(2)? as u64,
+                },
+            ))
+        })?;
+        Ok(TagState::from_dots(rows.collect::<Result<Vec<_>, _>>()?))
+    }
+
+    pub fn put_tags(conn: &Connection, hash: &BlobHash, state: &TagState) -> Result<()> {
+        conn.execute("DELETE FROM dots WHERE hash = ?1", [hash.0.as_slice()])?;
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO dots (hash, tag, offset, device) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (tag, dot) in state.dots() {
+            stmt.execute(params![
+                hash.0.as_slice(),
+                tag,
+                dot.offset as i64,
+                dot.device as i64
+            ])?;
+        }
+        Ok(())
+    }
+
+    pub fn name_of(conn: &Connection, hash: &BlobHash) -> Result<Option<String>> {
+        Ok(conn
+            .query_row(
+                "SELECT name FROM messages WHERE hash = ?1",
+                [hash.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn set_name(conn: &Connection, hash: &BlobHash, name: &str) -> Result<()> {
+        conn.execute(
+            "INSERT INTO messages (hash, name) VALUES (?1, ?2)
+             ON CONFLICT(hash) DO UPDATE SET name = excluded.name",
+            params![hash.0.as_slice(), name],
+        )?;
+        Ok(())
+    }
+
+    pub fn count_messages(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Queues a local tag change durably and returns its sequence number.
+    pub fn queue_op(
+        conn: &Connection,
+        hash: &BlobHash,
+        add: &[String],
+        remove: &[String],
+        seen: LogOffset,
+    ) -> Result<u64> {
+        let next: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        conn.execute(
+            "INSERT INTO pending (seq, hash, add_tags, remove_tags, seen) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![next, hash.0.as_slice(), join(add), join(remove), seen as i64],
+        )?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [(next + 1).to_string()],
+        )?;
+        Ok(next as u64)
+    }
+
+    pub fn pending(&self) -> Result<Vec<PendingOp>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, hash, add_tags, remove_tags, seen FROM pending ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            let hash: Vec<u8> = r.get(1)?;
+            Ok(PendingOp {
+                seq: r.get::<_, i64>(0)? as u64,
+                hash: BlobHash(hash.try_into().unwrap_or([0; 32])),
+                add: split(&r.get::<_, String>(2)?),
+                remove: split(&r.get::<_, String>(3)?),
+                seen: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn op_done(&self, seq: u64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM pending WHERE seq = ?1", [seq as i64])?;
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Finds local flag changes (made by a mail reader renaming files) and queues them as
+    /// tag operations. Costs two `stat`s when neither `cur/` nor `new/` changed since the
+    /// last scan; otherwise one directory listing. Returns how many ops were queued.
+    pub fn scan_maildir(&mut self, maildir: &Path, seen: LogOffset) -> Result<usize> {
+        let stamp = dir_stamp(maildir)?;
+        if self.meta("maildir_stamp")?.as_deref() == Some(stamp.as_str()) {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let mut queued = 0;
+        for sub in ["cur", "new"] {
+            let d = maildir.join(sub);
+            for e in std::fs::read_dir(&d).map_err(io(&d))?.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let Some(hash) = hash_of_name(&file) else {
+                    continue;
+                };
+                let name = format!("{sub}/{file}");
+                let Some(recorded) = State::name_of(&tx, &hash)? else {
+                    continue;
+                };
+                if recorded == name {
+                    continue;
+                }
+                let (rsub, rfile) = recorded.split_once('/').unwrap_or(("cur", &recorded));
+                let before = tags_of_name(rsub, rfile);
+                let after = tags_of_name(sub, &file);
+                let add: Vec<String> = after.difference(&before).cloned().collect();
+                let remove: Vec<String> = before.difference(&after).cloned().collect();
+                if !add.is_empty() || !remove.is_empty() {
+                    State::queue_op(&tx, &hash, &add, &remove, seen)?;
+                    queued += 1;
+                }
+                State::set_name(&tx, &hash, &name)?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('maildir_stamp', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [&stamp],
+        )?;
+        tx.commit()?;
+        Ok(queued)
+    }
+
+    /// Records the Maildir's current modification stamp (after this client's own renames),
+    /// so that the next scan is skipped unless a mail reader changed something.
+    pub fn remember_maildir(&self, maildir: &Path) -> Result<()> {
+        self.set_meta("maildir_stamp", &dir_stamp(maildir)?)
+    }
+}
+
+/// The modification times of `cur/` and `new/`, which change whenever a file is added,
+/// renamed or removed in them.
+fn dir_stamp(maildir: &Path) -> Result<String> {
+    let mut out = String::new();
+    for sub in ["cur", "new"] {
+        let d = maildir.join(sub);
+        let m = std::fs::metadata(&d).map_err(io(&d))?;
+        let t = m.modified().map_err(io(&d))?;
+        let ns = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        out.push_str(&format!("{ns};"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_and_names() {
+        let h = BlobHash([1; 32]);
+        assert_eq!(flags_of_tags(&t(&["inbox", "unread"])), "");
+        assert_eq!(flags_of_tags(&t(&["flagged", "replied"])), "FRS");
+        assert_eq!(desired_name(&h, &t(&["unread"]), None), format!("new/{h}"));
+        assert_eq!(
+            desired_name(&h, &t(&["unread"]), Some("cur/x")),
+            format!("cur/{h}:2,")
+        );
+        assert_eq!(
+            desired_name(&h, &t(&["inbox"]), Some("new/x")),
+            format!("cur/{h}:2,S")
+        );
+        assert_eq!(tags_of_name("new", "abc"), ["unread".to_string()].into());
+        assert_eq!(
+            tags_of_name("cur", "abc:2,FST"),
+            ["deleted".to_string(), "flagged".to_string()].into()
+        );
+    }
+
+    #[test]
+    fn scan_turns_renames_into_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("mail");
+        for s in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(md.join(s)).unwrap();
+        }
+        let h = BlobHash([7; 32]);
+        std::fs::write(md.join(format!("new/{h}")), b"x").unwrap();
+        let mut st = State::open(dir.path()).unwrap();
+        State::set_name(st.conn(), &h, &format!("new/{h}")).unwrap();
+        assert_eq!(st.scan_maildir(&md, 5).unwrap(), 0);
+        // A mail reader reads and flags it.
+        std::fs::rename(
+            md.join(format!("new/{h}")),
+            md.join(format!("cur/{h}:2,FS")),
+        )
+        .unwrap();
+        assert_eq!(st.scan_maildir(&md, 5).unwrap(), 1);
+        let ops = st.pending().unwrap();
+        assert_eq!(
+            ops,
+            vec![PendingOp {
+                seq: 1,
+                hash: h,
+                add: t(&["flagged"]),
+                remove: t(&["unread"]),
+                seen: 5
+            }]
+        );
+        // Nothing changed since: no second op (and the scan is skipped by the stamp).
+        assert_eq!(st.scan_maildir(&md, 6).unwrap(), 0);
+        st.op_done(1).unwrap();
+        assert!(st.pending().unwrap().is_empty());
+    }
+}
