@@ -131,7 +131,16 @@ impl Endpoint {
         transport.keep_alive_interval(Some(postlog_net::KEEP_ALIVE));
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let ep = quinn::Endpoint::client(bind).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let ep = postlog_net::bind_udp(bind)
+            .and_then(|sock| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    sock,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| ClientError::Tls(format!("binding a UDP socket: {e}")))?;
         let connect_timeout = std::env::var("POSTLOG_CONNECT_TIMEOUT")
             .ok()
             .and_then(|s| s.parse::<f64>().ok())
@@ -148,7 +157,7 @@ impl Endpoint {
     /// Moves the endpoint to a new local socket (a laptop that changed networks); open
     /// connections migrate with it.
     pub fn rebind(&self) -> std::io::Result<()> {
-        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        let sock = postlog_net::bind_udp(([0, 0, 0, 0], 0).into())?;
         self.ep.rebind(sock)
     }
 

@@ -69,7 +69,34 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
+    // Let path MTU discovery go past Ethernet size: on loopback and jumbo-frame links a full
+    // sync then needs a fraction of the packets (and of the per-packet crypto and syscalls);
+    // on ordinary paths the larger probes are lost and the MTU stays at about 1450.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Largest UDP payload path MTU discovery may try.
+pub const MAX_UDP_PAYLOAD: u16 = 16 * 1024;
+/// Socket buffer sizes asked of the kernel (it caps them at net.core.{r,w}mem_max): the
+/// default ~200 KiB receive buffer overflows during a full sync and costs retransmissions.
+pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Binds a UDP socket for QUIC with large send and receive buffers.
+pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: a smaller buffer than asked is not an error.
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
 }
 
 /// The ring crypto provider, the only one Postlog links.

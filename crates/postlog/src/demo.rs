@@ -75,6 +75,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let profile_b = Profile::create(&root.join("b"), url_b, None)?;
+    postlog_client::Maildir::open(&profile_b.maildir)?;
     let t = Instant::now();
     let report = sync::sync_once(&profile_b, &endpoint, Arc::new(Progress::default())).await?;
     say(&format!(
@@ -93,6 +94,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let profile_c = Profile::create(&root.join("c"), url_c, None)?;
+    postlog_client::Maildir::open(&profile_c.maildir)?;
     let maildir_c = profile_c.maildir.clone();
     let (watch_stop, watch_rx) = tokio::sync::oneshot::channel::<()>();
     let watch_progress = Arc::new(Progress::default());
