@@ -10,6 +10,8 @@
 //! - [`state`]: the replica's tag CRDT state, Maildir names and queued local tag changes
 //!   (`PROFILE/state.db`).
 //! - [`import`]: store an existing Maildir's messages on the server, many at once.
+//! - `notmuch` (feature `notmuch`, links GPL-3.0-or-later libnotmuch): index synced mail in
+//!   a notmuch database and sync every notmuch tag both ways.
 //!
 //! Architecture invariant: the cursor on disk never covers a record whose effects are not
 //! durable locally, so a crash at any point followed by another sync converges.
@@ -17,6 +19,8 @@
 mod connection;
 pub mod import;
 mod maildir;
+#[cfg(feature = "notmuch")]
+pub mod notmuch;
 mod profile;
 pub mod state;
 pub mod sync;
@@ -24,4 +28,4 @@ pub mod sync;
 pub use connection::{ClientError, Connection, Endpoint, LogItem, LogStream};
 pub use maildir::hash_of_name;
 pub use maildir::{Maildir, MaildirError, NewMessage};
-pub use profile::{LoginUrl, Profile, ProfileError};
+pub use profile::{LoginUrl, NOTMUCH_FOLDER, Profile, ProfileError, notmuch_folder};

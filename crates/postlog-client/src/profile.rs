@@ -32,6 +32,11 @@ pub enum ProfileError {
     },
     #[error("{path}: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "the Maildir {maildir} must be inside the notmuch mail root {root} (notmuch indexes \
+         only files below it)"
+    )]
+    OutsideNotmuch { maildir: PathBuf, root: PathBuf },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProfileError + '_ {
@@ -105,6 +110,10 @@ struct ProfileFile {
     device: u64,
     fingerprint: String,
     maildir: PathBuf,
+    /// The notmuch mail root (the directory holding `.notmuch/`), when mail is indexed in
+    /// notmuch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notmuch: Option<PathBuf>,
 }
 
 /// A logged-in client installation: `DIR/profile.toml`, `DIR/secret` (mode 0600),
@@ -114,6 +123,20 @@ pub struct Profile {
     pub dir: PathBuf,
     pub login: LoginUrl,
     pub maildir: PathBuf,
+    /// The notmuch mail root the Maildir lies in, when synced mail is indexed in notmuch
+    /// (needs the `notmuch` feature to sync).
+    pub notmuch: Option<PathBuf>,
+}
+
+/// The Maildir of a notmuch profile when none is given: `ROOT/postlog`.
+pub const NOTMUCH_FOLDER: &str = "postlog";
+
+fn absolute(p: PathBuf, dir: &Path) -> Result<PathBuf, ProfileError> {
+    Ok(if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().map_err(io(dir))?.join(p)
+    })
 }
 
 impl Profile {
@@ -123,19 +146,45 @@ impl Profile {
         login: LoginUrl,
         maildir: Option<PathBuf>,
     ) -> Result<Profile, ProfileError> {
+        Profile::create_with(dir, login, maildir, None)
+    }
+
+    /// Like [`Profile::create`], optionally with a notmuch mail root: the Maildir then
+    /// defaults to `ROOT/postlog` and must lie inside the root.
+    pub fn create_with(
+        dir: &Path,
+        login: LoginUrl,
+        maildir: Option<PathBuf>,
+        notmuch: Option<PathBuf>,
+    ) -> Result<Profile, ProfileError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let maildir = maildir.unwrap_or_else(|| dir.join("mail"));
-        let maildir = if maildir.is_absolute() {
-            maildir
-        } else {
-            std::env::current_dir().map_err(io(dir))?.join(maildir)
+        let notmuch = match notmuch {
+            Some(root) => {
+                let root = absolute(root, dir)?;
+                Some(root.canonicalize().map_err(io(&root))?)
+            }
+            None => None,
         };
+        let maildir = match (maildir, &notmuch) {
+            (Some(m), _) => absolute(m, dir)?,
+            (None, Some(root)) => root.join(NOTMUCH_FOLDER),
+            (None, None) => dir.join("mail"),
+        };
+        if let Some(root) = &notmuch
+            && notmuch_folder(root, &maildir).is_none()
+        {
+            return Err(ProfileError::OutsideNotmuch {
+                maildir,
+                root: root.clone(),
+            });
+        }
         let file = ProfileFile {
             server: login.server.clone(),
             account: login.account.clone(),
             device: login.device,
             fingerprint: login.fingerprint.clone(),
             maildir: maildir.clone(),
+            notmuch: notmuch.clone(),
         };
         let text = toml::to_string(&file).map_err(|e| ProfileError::Corrupt {
             path: dir.to_owned(),
@@ -151,6 +200,7 @@ impl Profile {
             dir: dir.to_owned(),
             login,
             maildir,
+            notmuch,
         })
     }
 
@@ -181,6 +231,7 @@ impl Profile {
                 fingerprint: f.fingerprint,
             },
             maildir: f.maildir,
+            notmuch: f.notmuch,
         })
     }
 
@@ -205,6 +256,34 @@ impl Profile {
             0o644,
         )
     }
+}
+
+/// The Maildir's path relative to the notmuch mail root (`postlog`, `a/b`), as notmuch's
+/// `path:` queries name it; `None` unless the Maildir lies strictly inside the root and
+/// both paths are UTF-8 (libnotmuch takes paths as C strings of UTF-8 here). The root is
+/// canonical; the Maildir's deepest existing ancestor is canonicalized so that symlinks
+/// and `..` cannot fool the check.
+pub fn notmuch_folder(root: &Path, maildir: &Path) -> Option<String> {
+    let mut existing = maildir.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(existing.file_name()?.to_owned());
+        existing = existing.parent()?.to_path_buf();
+    }
+    let mut full = existing.canonicalize().ok()?;
+    for part in rest.into_iter().rev() {
+        full.push(part);
+    }
+    let rel = full.strip_prefix(root).ok()?;
+    if rel.as_os_str().is_empty()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    root.to_str()?;
+    rel.to_str().map(str::to_owned)
 }
 
 /// Replaces `path` atomically and durably.
@@ -271,6 +350,42 @@ mod tests {
         assert!(matches!(
             Profile::load(&dir.path().join("x")),
             Err(ProfileError::NotLoggedIn(_))
+        ));
+        assert_eq!(q.notmuch, None);
+    }
+
+    #[test]
+    fn notmuch_profile_keeps_its_maildir_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mail root");
+        std::fs::create_dir_all(&root).unwrap();
+        let u: LoginUrl = format!(
+            "postlog://a@h:1/?device=1&secret={}&fp={}",
+            "01".repeat(32),
+            "cd".repeat(32)
+        )
+        .parse()
+        .unwrap();
+        let prof = dir.path().join("p");
+        let p = Profile::create_with(&prof, u.clone(), None, Some(root.clone())).unwrap();
+        let root = root.canonicalize().unwrap();
+        assert_eq!(p.maildir, root.join(NOTMUCH_FOLDER));
+        let q = Profile::load(&prof).unwrap();
+        assert_eq!((q.maildir, q.notmuch), (p.maildir, Some(root.clone())));
+        assert_eq!(
+            notmuch_folder(&root, &root.join("x/y")).as_deref(),
+            Some("x/y")
+        );
+        assert_eq!(notmuch_folder(&root, &root), None);
+        assert_eq!(notmuch_folder(&root, &root.join("../elsewhere")), None);
+        assert!(matches!(
+            Profile::create_with(
+                &prof,
+                u,
+                Some(dir.path().join("outside")),
+                Some(root.clone())
+            ),
+            Err(ProfileError::OutsideNotmuch { .. })
         ));
     }
 }

@@ -6,8 +6,14 @@
 //! the name recorded here, turns a difference into a Tag operation (queued durably, then
 //! sent), and records the new name. Remote changes go the other way: records are applied
 //! to the CRDT and files are renamed to the flags of the resulting tags.
+//!
+//! A queued operation stays in `pending` after the server acknowledged it (with the offset
+//! of its record, `acked`) until the replica has applied that record: until then the
+//! replica's *view* of a message ([`view`]) is its CRDT tags with the operations not yet
+//! applied laid over them, so a local edit never flickers away between its ack and its
+//! record.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -104,6 +110,22 @@ pub fn desired_name(hash: &BlobHash, tags: &[String], current: Option<&str>) -> 
     }
 }
 
+/// Operations not yet applied to the CRDT, by message, in queue order: (add, remove).
+pub type Overlay = HashMap<BlobHash, Vec<(Vec<String>, Vec<String>)>>;
+
+/// What this replica shows for a message: its CRDT tags with the local operations the
+/// CRDT does not cover yet applied over them, in order.
+pub fn view(crdt: Vec<String>, ops: Option<&Vec<(Vec<String>, Vec<String>)>>) -> Vec<String> {
+    let mut tags: BTreeSet<String> = crdt.into_iter().collect();
+    for (add, remove) in ops.into_iter().flatten() {
+        for t in remove {
+            tags.remove(t);
+        }
+        tags.extend(add.iter().cloned());
+    }
+    tags.into_iter().collect()
+}
+
 /// A queued local tag change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingOp {
@@ -137,6 +159,10 @@ impl State {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        // Added after the first release of the schema.
+        if conn.prepare("SELECT acked FROM pending LIMIT 0").is_err() {
+            conn.execute_batch("ALTER TABLE pending ADD COLUMN acked INTEGER")?;
+        }
         Ok(State { conn })
     }
 
@@ -229,10 +255,37 @@ impl State {
         Ok(next as u64)
     }
 
+    /// Queues a local change unless it repeats the message's last queued, unsent one (a
+    /// change found again after a crash between queueing it and recording that it was
+    /// seen). Returns whether it was queued.
+    pub fn queue_op_once(
+        conn: &Connection,
+        hash: &BlobHash,
+        add: &[String],
+        remove: &[String],
+        seen: LogOffset,
+    ) -> Result<bool> {
+        let last: Option<(String, String)> = conn
+            .query_row(
+                "SELECT add_tags, remove_tags FROM pending WHERE hash = ?1 AND acked IS NULL
+                 ORDER BY seq DESC LIMIT 1",
+                [hash.0.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if last.is_some_and(|(a, r)| a == join(add) && r == join(remove)) {
+            return Ok(false);
+        }
+        State::queue_op(conn, hash, add, remove, seen)?;
+        Ok(true)
+    }
+
+    /// Queued changes the server has not acknowledged yet, in order.
     pub fn pending(&self) -> Result<Vec<PendingOp>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT seq, hash, add_tags, remove_tags, seen FROM pending ORDER BY seq")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, hash, add_tags, remove_tags, seen FROM pending WHERE acked IS NULL
+             ORDER BY seq",
+        )?;
         let rows = stmt.query_map([], |r| {
             let hash: Vec<u8> = r.get(1)?;
             Ok(PendingOp {
@@ -247,25 +300,93 @@ impl State {
     }
 
     pub fn op_done(&self, seq: u64) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM pending WHERE seq = ?1", [seq as i64])?;
+        State::forget_op(&self.conn, seq)
+    }
+
+    /// Drops operation `seq` from the queue (its record was applied, or it was refused).
+    pub fn forget_op(conn: &Connection, seq: u64) -> Result<()> {
+        conn.execute("DELETE FROM pending WHERE seq = ?1", [seq as i64])?;
         Ok(())
     }
 
-    fn meta(&self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
+    /// The server acknowledged operation `seq` as the record at `offset`: it is no longer
+    /// sent, but stays in the view until the record is applied ([`State::forget_applied`]).
+    pub fn ack_op(conn: &Connection, seq: u64, offset: LogOffset) -> Result<()> {
+        conn.execute(
+            "UPDATE pending SET acked = ?2 WHERE seq = ?1",
+            params![seq as i64, offset as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Drops acknowledged operations whose records lie below `cursor` (applied).
+    pub fn forget_applied(conn: &Connection, cursor: LogOffset) -> Result<()> {
+        conn.execute(
+            "DELETE FROM pending WHERE acked IS NOT NULL AND acked < ?1",
+            [cursor as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every operation whose record is not applied once the CRDT covers offsets below
+    /// `cursor`: unacknowledged ones, and acknowledged ones at `cursor` or later.
+    pub fn overlay(conn: &Connection, cursor: LogOffset) -> Result<Overlay> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT hash, add_tags, remove_tags FROM pending
+             WHERE acked IS NULL OR acked >= ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([cursor as i64], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Overlay::new();
+        for row in rows {
+            let (h, add, remove) = row?;
+            if let Ok(h) = <[u8; 32]>::try_from(h) {
+                out.entry(BlobHash(h))
+                    .or_default()
+                    .push((split(&add), split(&remove)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every message's recorded file name.
+    pub fn names(conn: &Connection) -> Result<Vec<(BlobHash, String)>> {
+        let mut stmt = conn.prepare("SELECT hash, name FROM messages")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (h, name) = row?;
+            if let Ok(h) = <[u8; 32]>::try_from(h) {
+                out.push((BlobHash(h), name));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn meta_in(conn: &Connection, key: &str) -> Result<Option<String>> {
+        Ok(conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
     }
 
-    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.conn.execute(
+    pub fn set_meta_in(conn: &Connection, key: &str, value: &str) -> Result<()> {
+        conn.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![key, value],
         )?;
         Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        State::meta_in(&self.conn, key)
     }
 
     /// Finds local flag changes (made by a mail reader renaming files) and queues them as
@@ -316,7 +437,12 @@ impl State {
     /// Records the Maildir's current modification stamp (after this client's own renames),
     /// so that the next scan is skipped unless a mail reader changed something.
     pub fn remember_maildir(&self, maildir: &Path) -> Result<()> {
-        self.set_meta("maildir_stamp", &dir_stamp(maildir)?)
+        State::remember_maildir_in(&self.conn, maildir)
+    }
+
+    /// [`State::remember_maildir`] within a transaction.
+    pub fn remember_maildir_in(conn: &Connection, maildir: &Path) -> Result<()> {
+        State::set_meta_in(conn, "maildir_stamp", &dir_stamp(maildir)?)
     }
 }
 
@@ -400,5 +526,35 @@ mod tests {
         assert_eq!(st.scan_maildir(&md, 6).unwrap(), 0);
         st.op_done(1).unwrap();
         assert!(st.pending().unwrap().is_empty());
+    }
+
+    #[test]
+    fn acknowledged_ops_stay_in_the_view_until_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::open(dir.path()).unwrap();
+        let (h, g) = (BlobHash([1; 32]), BlobHash([2; 32]));
+        let c = st.conn();
+        assert!(State::queue_op_once(c, &h, &t(&["a"]), &[], 3).unwrap());
+        // The same change again (found again after a crash) is not queued twice...
+        assert!(!State::queue_op_once(c, &h, &t(&["a"]), &[], 3).unwrap());
+        assert!(State::queue_op_once(c, &h, &[], &t(&["a"]), 3).unwrap());
+        // ...but a change back to it is.
+        assert!(State::queue_op_once(c, &h, &t(&["a"]), &[], 3).unwrap());
+        assert!(State::queue_op_once(c, &g, &t(&["b"]), &t(&["c"]), 3).unwrap());
+        let crdt = t(&["c", "x"]);
+        let o = State::overlay(c, 10).unwrap();
+        assert_eq!(view(crdt.clone(), o.get(&h)), t(&["a", "c", "x"]));
+        assert_eq!(view(crdt.clone(), o.get(&g)), t(&["b", "x"]));
+        // Acknowledged at offset 12: not sent again, still shown until offset 12 applies.
+        State::ack_op(st.conn(), 4, 12).unwrap();
+        assert_eq!(st.pending().unwrap().len(), 3);
+        let o = State::overlay(st.conn(), 12).unwrap();
+        assert_eq!(view(crdt.clone(), o.get(&g)), t(&["b", "x"]));
+        let o = State::overlay(st.conn(), 13).unwrap();
+        assert_eq!(view(crdt.clone(), o.get(&g)), crdt);
+        State::forget_applied(st.conn(), 13).unwrap();
+        State::forget_op(st.conn(), 1).unwrap();
+        let left: Vec<u64> = st.pending().unwrap().iter().map(|o| o.seq).collect();
+        assert_eq!(left, vec![2, 3]);
     }
 }

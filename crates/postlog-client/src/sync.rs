@@ -5,6 +5,11 @@
 //! Maildir, the cursor is advanced to the first offset the batch did not cover. A oneshot
 //! sync stops at `Live` (the Head when the server started answering); `watch` goes on and
 //! applies each pushed record as it arrives, reconnecting with backoff.
+//!
+//! With a notmuch profile (feature `notmuch`, see `crate::notmuch`), each batch also
+//! indexes its new files and sets notmuch tags, and local edits are found through
+//! notmuch's revision. The write lock on the notmuch database is taken before any state
+//! transaction and held for one batch at most.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -16,7 +21,7 @@ use postlog_proto::{BlobHash, ErrorCode, LogEntry, LogOffset, Record};
 use tokio::sync::mpsc;
 
 use crate::maildir::NewMessage;
-use crate::state::{State, StateError, desired_name};
+use crate::state::{State, StateError, desired_name, view};
 use crate::{
     ClientError, Connection, Endpoint, LogItem, Maildir, MaildirError, Profile, ProfileError,
 };
@@ -46,12 +51,34 @@ pub enum SyncError {
          lost records or this profile belongs to another server; log in again"
     )]
     CursorAhead { cursor: LogOffset, head: LogOffset },
+    #[cfg(feature = "notmuch")]
+    #[error(transparent)]
+    Notmuch(#[from] crate::notmuch::NotmuchError),
+    #[error(
+        "this profile indexes mail in notmuch, but this postlog was built without the \
+         `notmuch` feature (cargo build --release -p postlog --features notmuch)"
+    )]
+    NotmuchNotBuilt,
 }
 
 impl SyncError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SyncError::Client(c) if c.is_retryable())
+        match self {
+            SyncError::Client(c) => c.is_retryable(),
+            #[cfg(feature = "notmuch")]
+            SyncError::Notmuch(n) => n.is_retryable(),
+            _ => false,
+        }
     }
+}
+
+/// Refuses a notmuch profile in a build without notmuch: syncing it without updating
+/// notmuch would leave notmuch's tags behind, unnoticed by the next notmuch-enabled sync.
+fn check_profile(profile: &Profile) -> Result<(), SyncError> {
+    if profile.notmuch.is_some() && !cfg!(feature = "notmuch") {
+        return Err(SyncError::NotmuchNotBuilt);
+    }
+    Ok(())
 }
 
 /// Live counters a progress display can read while a sync runs.
@@ -65,6 +92,17 @@ pub struct Progress {
     pub received: AtomicU64,
     pub messages: AtomicU64,
     pub bytes: AtomicU64,
+    /// notmuch messages read and written (0 and 0 when nothing changed).
+    pub notmuch_read: AtomicU64,
+    pub notmuch_written: AtomicU64,
+}
+
+#[cfg(feature = "notmuch")]
+impl Progress {
+    fn add_notmuch(&self, w: crate::notmuch::Work) {
+        self.notmuch_read.fetch_add(w.read, Ordering::Relaxed);
+        self.notmuch_written.fetch_add(w.written, Ordering::Relaxed);
+    }
 }
 
 /// What a oneshot sync did.
@@ -75,24 +113,62 @@ pub struct SyncReport {
     pub records: u64,
     pub cursor: LogOffset,
     pub elapsed: Duration,
+    /// notmuch messages read and written by this sync (notmuch profiles only).
+    pub notmuch_read: u64,
+    pub notmuch_written: u64,
 }
 
-/// Finds local tag changes (Maildir flags changed by mail readers since the last scan),
-/// queues them durably, and sends every queued change to the server. Returns how many
-/// were sent. A change for a message the server no longer holds is dropped.
-pub async fn push_local_changes(profile: &Profile, conn: &Connection) -> Result<usize, SyncError> {
+/// What a batch did to one message, for the notmuch index to follow.
+#[derive(Clone, Debug)]
+pub struct Touched {
+    pub hash: BlobHash,
+    /// Its file now (`cur/...` or `new/...`), if it has one.
+    pub name: Option<String>,
+    /// The file it was renamed from in this batch.
+    pub renamed_from: Option<String>,
+    /// The file was written by this batch (or by the crashed run this batch replays).
+    pub new_file: bool,
+    /// The replica's view of its tags after the batch (sorted).
+    pub tags: Vec<String>,
+}
+
+/// Finds local tag changes: Maildir flags changed by mail readers, and (notmuch profiles)
+/// tags edited in notmuch. Blocking.
+fn find_local_changes(p: &Profile, progress: &Progress) -> Result<(), SyncError> {
+    let mut state = State::open(&p.dir)?;
+    let cursor = p.cursor()?;
+    state.scan_maildir(&p.maildir, cursor.saturating_sub(1))?;
+    #[cfg(feature = "notmuch")]
+    if let Some(root) = &p.notmuch {
+        let work = crate::notmuch::find_local_edits(root, &p.maildir, &mut state, cursor)?;
+        progress.add_notmuch(work);
+    }
+    #[cfg(not(feature = "notmuch"))]
+    let _ = progress;
+    Ok(())
+}
+
+/// Finds local tag changes (Maildir flags changed by mail readers since the last scan, and
+/// tags edited in notmuch), queues them durably, and sends every queued change to the
+/// server. Returns how many were sent. A change for a message the server no longer holds
+/// is dropped; an acknowledged one stays in the replica's view until its record is applied.
+pub async fn push_local_changes(
+    profile: &Profile,
+    conn: &Connection,
+    progress: &Arc<Progress>,
+) -> Result<usize, SyncError> {
     let p = profile.clone();
+    let prog = progress.clone();
     let pending = tokio::task::spawn_blocking(move || -> Result<_, SyncError> {
-        let mut state = State::open(&p.dir)?;
-        let seen = p.cursor()?.saturating_sub(1);
-        state.scan_maildir(&p.maildir, seen)?;
-        Ok(state.pending()?)
+        find_local_changes(&p, &prog)?;
+        Ok(State::open(&p.dir)?.pending()?)
     })
     .await
     .map_err(|e| ClientError::Protocol(format!("scan task: {e}")))??;
     if pending.is_empty() {
         return Ok(0);
     }
+    let mut acked = Vec::new();
     let mut done = Vec::new();
     let mut failed = None;
     let mut tasks = tokio::task::JoinSet::new();
@@ -113,23 +189,28 @@ pub async fn push_local_changes(profile: &Profile, conn: &Connection) -> Result<
         };
         let (seq, r) = joined.map_err(|e| ClientError::Protocol(format!("tag task: {e}")))?;
         match r {
-            Ok(_)
-            | Err(ClientError::Server {
+            Ok((offset, _)) => acked.push((seq, offset)),
+            Err(ClientError::Server {
                 code: Some(ErrorCode::NotFound),
                 ..
             }) => done.push(seq),
             Err(e) => failed = Some(e),
         }
     }
-    let sent = done.len();
+    let sent = acked.len() + done.len();
     let p = profile.clone();
     tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         let mut state = State::open(&p.dir)?;
+        let cursor = p.cursor()?;
         let tx = state.conn().transaction().map_err(StateError::from)?;
         for seq in done {
-            tx.execute("DELETE FROM pending WHERE seq = ?1", [seq as i64])
-                .map_err(StateError::from)?;
+            State::forget_op(&tx, seq)?;
         }
+        for (seq, offset) in acked {
+            State::ack_op(&tx, seq, offset)?;
+        }
+        // A retry of an operation whose record was applied long ago.
+        State::forget_applied(&tx, cursor)?;
         tx.commit().map_err(StateError::from)?;
         Ok(())
     })
@@ -174,7 +255,14 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> (mpsc::Sender<Batc
         let mut cursor = profile.cursor()?;
         let mut added = 0u64;
         while let Some(batch) = rx.blocking_recv() {
-            let n = apply_batch(&mut maildir, &mut state, &batch)?;
+            let n = write_batch(
+                &profile,
+                &mut maildir,
+                &mut state,
+                &batch,
+                cursor,
+                &progress,
+            )?;
             added += n;
             if batch.cursor > cursor {
                 profile.set_cursor(batch.cursor)?;
@@ -188,10 +276,59 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> (mpsc::Sender<Batc
     (tx, handle)
 }
 
+/// Finds local edits (Maildir flags; with a notmuch profile, under the database's write
+/// lock, notmuch's since its last pass), then applies one batch; with notmuch, follows it
+/// there and commits notmuch before the state.
+fn write_batch(
+    profile: &Profile,
+    maildir: &mut Maildir,
+    state: &mut State,
+    batch: &Batch,
+    cursor: LogOffset,
+    progress: &Progress,
+) -> Result<u64, SyncError> {
+    let device = profile.login.device;
+    // Local edits first, so that names are current and the view has them (two `stat`s
+    // when the Maildir did not change).
+    let seen = cursor.saturating_sub(1);
+    #[cfg(feature = "notmuch")]
+    if let Some(root) = &profile.notmuch {
+        use crate::notmuch::Notmuch;
+        let mut nm = Notmuch::open(root, &profile.maildir)?;
+        state.scan_maildir(&profile.maildir, seen)?;
+        nm.find_edits(state, cursor)?;
+        let mut nm = Some(nm);
+        let n = apply_batch(maildir, state, batch, device, &mut |tx, touched| {
+            if let Some(mut nm) = nm.take() {
+                nm.apply(touched)?;
+                let (rev, work) = nm.close()?;
+                Notmuch::record(tx, &rev)?;
+                progress.add_notmuch(work);
+            }
+            Ok(())
+        })?;
+        return Ok(n);
+    }
+    let _ = progress;
+    state.scan_maildir(&profile.maildir, seen)?;
+    apply_batch(maildir, state, batch, device, &mut |_, _| Ok(()))
+}
+
+/// Hook called once a batch's files are durable, before its state transaction commits.
+type AfterFiles<'a> =
+    dyn FnMut(&rusqlite::Transaction<'_>, &[Touched]) -> Result<(), SyncError> + 'a;
+
 /// Applies one batch of records: the tag CRDT in the local state, new message files, and
 /// renames of existing files whose flags changed. The files are durable before the state
 /// transaction commits, and the caller saves the cursor only after both (see `state`).
-fn apply_batch(maildir: &mut Maildir, state: &mut State, batch: &Batch) -> Result<u64, SyncError> {
+/// This replica's own operations (`device`) leave the queue as their records are applied.
+fn apply_batch(
+    maildir: &mut Maildir,
+    state: &mut State,
+    batch: &Batch,
+    device: u64,
+    after_files: &mut AfterFiles<'_>,
+) -> Result<u64, SyncError> {
     let tx = state.conn().transaction().map_err(StateError::from)?;
     let mut touched: BTreeMap<BlobHash, TagState> = BTreeMap::new();
     let mut blobs: HashMap<BlobHash, &[u8]> = HashMap::new();
@@ -215,23 +352,47 @@ fn apply_batch(maildir: &mut Maildir, state: &mut State, batch: &Batch) -> Resul
                 add,
                 remove,
                 seen,
-                device,
+                device: by,
+                seq,
                 ..
-            } => st.apply_op(entry.offset, add, remove, *seen, *device),
+            } => {
+                st.apply_op(entry.offset, add, remove, *seen, *by);
+                if *by == device {
+                    State::forget_op(&tx, *seq)?;
+                }
+            }
             _ => {}
         }
     }
+    State::forget_applied(&tx, batch.cursor)?;
+    // Local operations whose records are still to come, shown over the CRDT.
+    let overlay = State::overlay(&tx, batch.cursor)?;
     let mut new_files = Vec::new();
     let mut renamed = false;
+    let mut events = Vec::with_capacity(touched.len());
     for (hash, st) in &touched {
-        let tags = st.tags();
-        let recorded = State::name_of(&tx, hash)?.filter(|n| maildir.exists(n));
-        match recorded {
+        let tags = view(st.tags(), overlay.get(hash));
+        let recorded = State::name_of(&tx, hash)?;
+        // A file gone from its recorded name was renamed by a mail reader during this
+        // batch: the next scan turns that into an operation; renaming it now could undo it.
+        let current = recorded.filter(|n| maildir.exists(n));
+        let mut event = Touched {
+            hash: *hash,
+            name: None,
+            renamed_from: None,
+            new_file: false,
+            tags: Vec::new(),
+        };
+        match current {
             Some(current) => {
                 let want = desired_name(hash, &tags, Some(&current));
                 if want != current && maildir.rename(&current, &want)? {
                     renamed = true;
                     State::set_name(&tx, hash, &want)?;
+                    event.name = Some(want);
+                    event.renamed_from = Some(current);
+                } else {
+                    event.name = Some(current);
                 }
             }
             None => {
@@ -241,17 +402,24 @@ fn apply_batch(maildir: &mut Maildir, state: &mut State, batch: &Batch) -> Resul
                     new_files.push(NewMessage {
                         hash: *hash,
                         bytes,
-                        name,
+                        name: name.clone(),
                     });
+                    event.name = Some(name);
+                    event.new_file = true;
                 }
             }
         }
         State::put_tags(&tx, hash, st)?;
+        event.tags = tags;
+        events.push(event);
     }
     let added = maildir.write_batch(&new_files)? as u64;
     if renamed {
         maildir.sync_dirs()?;
     }
+    // This batch's own files and renames are no reason for the next scan to list them.
+    State::remember_maildir_in(&tx, maildir.root())?;
+    after_files(&tx, &events)?;
     tx.commit().map_err(StateError::from)?;
     Ok(added)
 }
@@ -320,10 +488,11 @@ pub async fn sync_once(
     progress: Arc<Progress>,
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
+    check_profile(profile)?;
     let cursor = profile.cursor()?;
     let conn = endpoint.connect(&profile.login).await?;
     let mut head = conn.head_at_auth;
-    if push_local_changes(profile, &conn).await? > 0 {
+    if push_local_changes(profile, &conn, &progress).await? > 0 {
         // Our own changes are now records too: read them back like any other.
         head = conn.head().await?;
     }
@@ -337,6 +506,8 @@ pub async fn sync_once(
         return Ok(SyncReport {
             cursor,
             elapsed: started.elapsed(),
+            notmuch_read: progress.notmuch_read.load(Ordering::Relaxed),
+            notmuch_written: progress.notmuch_written.load(Ordering::Relaxed),
             ..Default::default()
         });
     }
@@ -352,6 +523,8 @@ pub async fn sync_once(
         records,
         cursor,
         elapsed: started.elapsed(),
+        notmuch_read: progress.notmuch_read.load(Ordering::Relaxed),
+        notmuch_written: progress.notmuch_written.load(Ordering::Relaxed),
     })
 }
 
@@ -369,6 +542,7 @@ pub async fn watch(
     shutdown: impl std::future::Future<Output = ()>,
     on_status: impl Fn(&str),
 ) -> Result<(), SyncError> {
+    check_profile(profile)?;
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_MIN;
     loop {
@@ -390,7 +564,7 @@ pub async fn watch(
             let (tx, writer) = spawn_writer(profile.clone(), progress.clone());
             let local = async {
                 loop {
-                    push_local_changes(profile, &conn).await?;
+                    push_local_changes(profile, &conn, &progress).await?;
                     tokio::time::sleep(LOCAL_SCAN_INTERVAL).await;
                 }
             };
@@ -421,6 +595,36 @@ pub async fn watch(
                 backoff = (backoff * 2).min(RECONNECT_MAX);
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notmuch_profile_needs_the_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let login = format!(
+            "postlog://a@h:1/?device=1&secret={}&fp={}",
+            "01".repeat(32),
+            "cd".repeat(32)
+        )
+        .parse()
+        .unwrap();
+        let p = Profile::create_with(
+            &dir.path().join("p"),
+            login,
+            None,
+            Some(dir.path().to_owned()),
+        )
+        .unwrap();
+        let r = check_profile(&p);
+        if cfg!(feature = "notmuch") {
+            assert!(r.is_ok());
+        } else {
+            assert!(matches!(r, Err(SyncError::NotmuchNotBuilt)));
         }
     }
 }

@@ -137,9 +137,15 @@ pub struct LoginArgs {
     pub url: String,
     #[command(flatten)]
     pub profile: ProfileArg,
-    /// Where to keep the Maildir (default: PROFILE/mail).
+    /// Where to keep the Maildir (default: PROFILE/mail; with --notmuch, DIR/postlog).
     #[arg(long, value_name = "PATH")]
     pub maildir: Option<PathBuf>,
+    /// Index synced mail in notmuch and sync every notmuch tag both ways. DIR is the
+    /// notmuch mail root, the directory holding .notmuch/ (default: what notmuch itself
+    /// uses: $NOTMUCH_CONFIG or ~/.notmuch-config, else ~/mail). The Maildir must lie inside
+    /// it. Needs a postlog built with `--features notmuch`.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub notmuch: Option<Option<PathBuf>>,
 }
 
 #[derive(Args, Debug)]

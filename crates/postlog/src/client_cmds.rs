@@ -33,14 +33,50 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e).context("login refused; the profile was not saved"),
     }
-    let profile = Profile::create(&dir, url, a.maildir)?;
+    let notmuch = match a.notmuch {
+        Some(root) => Some(notmuch_root(root)?),
+        None => None,
+    };
+    let profile = Profile::create_with(&dir, url, a.maildir, notmuch)?;
     Maildir::open(&profile.maildir)?;
     eprintln!(
         "profile saved in {}; Maildir at {}",
         dir.display(),
         profile.maildir.display()
     );
+    if let Some(root) = &profile.notmuch {
+        eprintln!(
+            "synced mail is indexed in the notmuch database at {}",
+            root.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The notmuch mail root for `login --notmuch [DIR]`, checked to hold a database.
+#[cfg(feature = "notmuch")]
+fn notmuch_root(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    use postlog_client::notmuch;
+    let root = match dir {
+        Some(d) => d,
+        None => notmuch::default_root()
+            .context("no notmuch database found; name its directory: --notmuch DIR")?,
+    };
+    notmuch::check(&root).with_context(|| {
+        format!(
+            "no usable notmuch database in {} (create one with `notmuch setup` or `notmuch new`)",
+            root.display()
+        )
+    })?;
+    Ok(root)
+}
+
+#[cfg(not(feature = "notmuch"))]
+fn notmuch_root(_: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    anyhow::bail!(
+        "this postlog was built without notmuch support; build it with \
+         `cargo build --release -p postlog --features notmuch`"
+    )
 }
 
 pub async fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
@@ -88,7 +124,7 @@ pub async fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
     if a.quiet {
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    print!(
         "{} new messages, {:.1} MB, {} records, cursor {}, {:.3} s",
         r.new_messages,
         r.bytes as f64 / 1e6,
@@ -96,6 +132,13 @@ pub async fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
         r.cursor,
         r.elapsed.as_secs_f64()
     );
+    if profile.notmuch.is_some() {
+        print!(
+            "; notmuch: {} messages read, {} written",
+            r.notmuch_read, r.notmuch_written
+        );
+    }
+    println!();
     Ok(ExitCode::SUCCESS)
 }
 
