@@ -142,8 +142,9 @@ async fn sigkill_during_stores_loses_nothing_acknowledged() {
         lost.len(),
         recovered,
     );
+    // At least one acknowledgement per server lifetime on average, or the test says nothing.
     assert!(
-        acked.len() > 100,
+        acked.len() >= KILLS,
         "the test must acknowledge many messages to mean anything"
     );
     assert!(lost.is_empty(), "lost acknowledged messages: {lost:?}");
