@@ -7,7 +7,7 @@
 //! `decode(bytes)` gives `x`, then `decode(encode(x)) == x`.
 //!
 //! This file may only use what both its users have: postlog-proto, postlog-client,
-//! postlog-server, toml and std.
+//! postlog-server, postlog-smtp, toml and std.
 
 use postlog_client::LoginUrl;
 use postlog_client::import::{garbage_reason, tags_for_name};
@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("login_url", login_url),
     ("maildir_name", maildir_name),
     ("server_config", server_config),
+    ("smtp_session", smtp_session),
 ];
 
 /// A decode error must render and map to a wire error code without panicking.
@@ -280,8 +281,156 @@ fn config_to_toml(cfg: &ServerConfig) -> String {
     );
     t.insert("cert".into(), cfg.cert.clone().into());
     t.insert("key".into(), cfg.key.clone().into());
+    let mut lmtp = toml::Table::new();
+    if let Some(l) = cfg.lmtp.listen {
+        lmtp.insert("listen".into(), l.to_string().into());
+    }
+    if let Some(u) = &cfg.lmtp.unix {
+        match u.to_str() {
+            Some(u) => lmtp.insert("unix".into(), u.into()),
+            None => panic!("a socket path parsed from TOML is not UTF-8: {u:?}"),
+        };
+    }
+    t.insert("lmtp".into(), lmtp.into());
+    let mut smtp = toml::Table::new();
+    if let Some(l) = cfg.smtp.listen {
+        smtp.insert("listen".into(), l.to_string().into());
+    }
+    t.insert("smtp".into(), smtp.into());
+    let d = &cfg.delivery;
+    let mut delivery = toml::Table::new();
+    delivery.insert(
+        "initial_tags".into(),
+        toml::Value::Array(d.initial_tags.iter().map(|t| t.clone().into()).collect()),
+    );
+    if let Some(h) = &d.hostname {
+        delivery.insert("hostname".into(), h.clone().into());
+    }
+    delivery.insert(
+        "max_recipients".into(),
+        int("max_recipients", d.max_recipients as u64),
+    );
+    delivery.insert(
+        "max_connections_per_ip".into(),
+        int("max_connections_per_ip", d.max_connections_per_ip as u64),
+    );
+    delivery.insert(
+        "max_connections".into(),
+        int("max_connections", d.max_connections as u64),
+    );
+    t.insert("delivery".into(), delivery.into());
     match toml::to_string(&t) {
         Ok(text) => text,
         Err(e) => panic!("cannot write a TOML table of strings and integers: {e}"),
     }
+}
+
+/// An LMTP and an SMTP session (`postlog_smtp::Session`) fed the bytes in pieces, with a
+/// driver that accepts recipients containing `a` and delivers every message. Checks: no
+/// panic; every reply line is `NNN` + space or dash; a delivered message never holds a bare
+/// CR or LF (those messages are rejected: no smuggling); the same input split differently
+/// gives the same replies and messages.
+pub fn smtp_session(data: &[u8]) {
+    use postlog_smtp::{Config, Protocol};
+    // The first byte picks the split size, so the fuzzer explores chunking too.
+    let (split, input) = match data.split_first() {
+        Some((s, rest)) => (usize::from(*s % 16) + 1, rest),
+        None => (1, data),
+    };
+    for protocol in [Protocol::Lmtp, Protocol::Smtp] {
+        let mut cfg = Config::new(protocol, "mx.fuzz", 4096);
+        cfg.starttls = true;
+        cfg.max_recipients = 5;
+        let whole = run_smtp_session(cfg.clone(), input, input.len().max(1));
+        let pieces = run_smtp_session(cfg, input, split);
+        assert_eq!(whole, pieces, "split into {split}-byte pieces");
+        let (replies, messages) = whole;
+        for line in replies.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            assert!(
+                line.len() >= 5
+                    && line[..3].iter().all(u8::is_ascii_digit)
+                    && (line[3] == b' ' || line[3] == b'-')
+                    && line.ends_with(b"\r"),
+                "bad reply line {:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        for m in &messages {
+            assert!(m.len() <= 4096, "over the size limit");
+            for (i, &b) in m.iter().enumerate() {
+                if b == b'\n' {
+                    assert!(i > 0 && m[i - 1] == b'\r', "bare LF delivered in {m:?}");
+                }
+                if b == b'\r' {
+                    assert_eq!(m.get(i + 1), Some(&b'\n'), "bare CR delivered in {m:?}");
+                }
+            }
+        }
+    }
+}
+
+/// Runs one session over `input` in `split`-byte pieces; returns (output, messages).
+fn run_smtp_session(
+    cfg: postlog_smtp::Config,
+    input: &[u8],
+    split: usize,
+) -> (Vec<u8>, Vec<Vec<u8>>) {
+    use postlog_smtp::{Event, Outcome, Session, Verdict};
+    let mut s: Session<u8> = Session::new(cfg);
+    let mut out = s.take_output();
+    let mut messages = Vec::new();
+    let mut current: Option<Vec<u8>> = None;
+    let mut buf = Vec::new();
+    for piece in input.chunks(split) {
+        buf.extend_from_slice(piece);
+        loop {
+            let (used, ev) = s.advance(&buf);
+            let mut stop = false;
+            let mut recipient = None;
+            let mut end = false;
+            match ev {
+                Event::NeedInput => stop = true,
+                Event::Data(d) => match current.as_mut() {
+                    Some(c) => c.extend_from_slice(d),
+                    None => panic!("Data outside a message"),
+                },
+                Event::Recipient(a) => recipient = Some(a),
+                Event::MessageStart => current = Some(Vec::new()),
+                Event::MessageAbort => current = None,
+                Event::MessageEnd => end = true,
+                Event::Close => stop = true,
+                // The TLS handshake would follow: the plaintext part ends here.
+                Event::StartTls => {
+                    out.extend(s.take_output());
+                    return (out, messages);
+                }
+            }
+            assert!(used <= buf.len());
+            buf.drain(..used);
+            if let Some(a) = recipient {
+                s.recipient(if a.contains('a') {
+                    Verdict::Accept(1)
+                } else {
+                    Verdict::Unknown
+                });
+            }
+            if end {
+                match current.take() {
+                    Some(m) => messages.push(m),
+                    None => panic!("MessageEnd without MessageStart"),
+                }
+                let n = s.recipients().len();
+                s.message_done(&vec![Outcome::Delivered; n]);
+            }
+            if stop {
+                break;
+            }
+        }
+        out.extend(s.take_output());
+        if s.is_closed() {
+            break;
+        }
+    }
+    out.extend(s.take_output());
+    (out, messages)
 }

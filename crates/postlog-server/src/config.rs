@@ -1,7 +1,7 @@
 //! Server configuration: `DATA/postlog.toml`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -20,6 +20,58 @@ pub struct ServerConfig {
     /// Certificate and key (PEM), relative to the data directory.
     pub cert: String,
     pub key: String,
+    /// The LMTP listener (for a local MTA such as Postfix); off unless configured.
+    pub lmtp: LmtpConfig,
+    /// The SMTP listener (for an MTA or a provider's forwarding); off unless configured.
+    pub smtp: SmtpConfig,
+    /// What happens to mail that arrives over LMTP, SMTP or `postlog deliver`.
+    pub delivery: DeliveryConfig,
+}
+
+/// `[lmtp]`: TCP and/or Unix-socket LMTP listeners.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LmtpConfig {
+    /// TCP address, e.g. "127.0.0.1:2424" (`postlog serve --lmtp` overrides it).
+    pub listen: Option<SocketAddr>,
+    /// Unix socket path, relative to the data directory unless absolute.
+    pub unix: Option<PathBuf>,
+}
+
+/// `[smtp]`: the SMTP listener, with STARTTLS using the server's certificate.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// TCP address, e.g. "0.0.0.0:25" (`postlog serve --smtp` overrides it).
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[delivery]`: initial tags and the limits of the LMTP and SMTP listeners.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Tags every delivered message starts with (in its Store record).
+    pub initial_tags: Vec<String>,
+    /// Host name in the greeting and in Received headers (default: public_host).
+    pub hostname: Option<String>,
+    /// Most recipients of one message.
+    pub max_recipients: usize,
+    /// Most simultaneous LMTP/SMTP connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Most simultaneous LMTP/SMTP connections in total.
+    pub max_connections: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            initial_tags: vec!["inbox".into(), "unread".into()],
+            hostname: None,
+            max_recipients: postlog_smtp::limits::MAX_RECIPIENTS,
+            max_connections_per_ip: 20,
+            max_connections: 1000,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -31,6 +83,9 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             cert: "cert.pem".into(),
             key: "key.pem".into(),
+            lmtp: LmtpConfig::default(),
+            smtp: SmtpConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -54,6 +109,21 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # self-signed pair is generated; clients pin its SHA-256 fingerprint from the login URL.
 # cert = "cert.pem"
 # key = "key.pem"
+
+# Mail in (docs/DELIVERY.md). Both listeners are off unless an address is set here or
+# given to `postlog serve --lmtp ADDR:PORT` / `--smtp ADDR:PORT`.
+# [lmtp]
+# listen = "127.0.0.1:2424"
+# unix = "lmtp.sock"
+# [smtp]
+# listen = "0.0.0.0:25"
+
+# [delivery]
+# initial_tags = ["inbox", "unread"]
+# hostname = "mail.example.org"
+# max_recipients = 1000
+# max_connections_per_ip = 20
+# max_connections = 1000
 "#;
 
 /// Why the configuration could not be loaded.
@@ -71,6 +141,8 @@ pub enum ConfigError {
     },
     #[error("{path}: max_message_size must be between 1 and {max}")]
     Invalid { path: String, max: u64 },
+    #[error("{path}: {why}")]
+    InvalidSetting { path: String, why: String },
 }
 
 impl ServerConfig {
@@ -91,7 +163,36 @@ impl ServerConfig {
         if cfg.max_message_size == 0 || cfg.max_message_size > max {
             return Err(ConfigError::Invalid { path: p(), max });
         }
+        cfg.check()
+            .map_err(|why| ConfigError::InvalidSetting { path: p(), why })?;
         Ok(cfg)
+    }
+
+    /// Checks what serde cannot: tag syntax and non-zero limits.
+    pub fn check(&self) -> Result<(), String> {
+        let d = &self.delivery;
+        if let Some(t) = d
+            .initial_tags
+            .iter()
+            .find(|t| !postlog_proto::message::valid_tag(t))
+        {
+            return Err(format!("delivery.initial_tags: {t:?} is not a valid tag"));
+        }
+        if d.initial_tags.len() > postlog_proto::limits::MAX_TAGS {
+            return Err("delivery.initial_tags: too many tags".into());
+        }
+        if d.max_recipients == 0 || d.max_connections_per_ip == 0 || d.max_connections == 0 {
+            return Err("delivery: limits must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The host name used in LMTP/SMTP greetings and Received headers.
+    pub fn mail_hostname(&self) -> &str {
+        self.delivery
+            .hostname
+            .as_deref()
+            .unwrap_or(&self.public_host)
     }
 }
 
@@ -108,7 +209,7 @@ mod tests {
             .lines()
             .map(|l| {
                 l.strip_prefix("# ")
-                    .filter(|l| l.contains(" = "))
+                    .filter(|l| l.contains(" = ") || l.starts_with('['))
                     .unwrap_or("")
             })
             .collect::<Vec<_>>()
@@ -118,6 +219,25 @@ mod tests {
             parsed.max_message_size,
             ServerConfig::default().max_message_size
         );
+        assert_eq!(parsed.lmtp.listen, Some("127.0.0.1:2424".parse().unwrap()));
+        assert_eq!(parsed.delivery.initial_tags, ["inbox", "unread"]);
+        assert_eq!(
+            format!("{:?}", parsed.delivery.max_recipients),
+            format!("{:?}", ServerConfig::default().delivery.max_recipients)
+        );
+        assert!(
+            cfg.lmtp.listen.is_none() && cfg.smtp.listen.is_none(),
+            "off by default"
+        );
+        std::fs::write(
+            dir.path().join("postlog.toml"),
+            "[delivery]\ninitial_tags = [\"inbox\", \"\"]",
+        )
+        .unwrap();
+        assert!(matches!(
+            ServerConfig::load_or_init(dir.path()),
+            Err(ConfigError::InvalidSetting { .. })
+        ));
         std::fs::write(dir.path().join("postlog.toml"), "listne = \"1.2.3.4:1\"").unwrap();
         assert!(matches!(
             ServerConfig::load_or_init(dir.path()),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use postlog_net::{FrameError, read_frame};
 use postlog_proto::{BlobHash, ErrorCode, LogOffset, Record, Request, Response};
-use postlog_store::{AccountId, Appended, DeviceId, NewRecord, StoreError};
+use postlog_store::{AccountId, Appended, BlobWriter, DeviceId, NewRecord, StagedBlob, StoreError};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{oneshot, watch};
 
@@ -140,17 +140,44 @@ async fn blocking<T: Send + 'static>(
 
 /// Hands a record to the store's writer and waits until it is durable.
 async fn append(conn: &Conn, record: NewRecord) -> Result<Appended> {
+    Ok(append_to(&conn.shared, conn.account, record).await?)
+}
+
+/// Appends `record` to `account`'s log and waits until it is durable (or failed). Shared
+/// by every way mail comes in: QUIC Store, LMTP and SMTP.
+pub(crate) async fn append_to(
+    shared: &Shared,
+    account: AccountId,
+    record: NewRecord,
+) -> std::result::Result<Appended, StoreError> {
     let (tx, rx) = oneshot::channel::<std::result::Result<Appended, StoreError>>();
-    conn.shared.store.append(
-        conn.account,
+    shared.store.append(
+        account,
         record,
         Box::new(move |r| {
             let _ = tx.send(r);
         }),
     );
-    Ok(rx
+    rx.await
+        .unwrap_or_else(|_| Err(StoreError::Stopped("storage writer stopped".into())))
+}
+
+/// A new staging file for an incoming message of at most `max` bytes.
+pub(crate) async fn blob_writer(
+    shared: &Arc<Shared>,
+    max: u64,
+) -> std::result::Result<BlobWriter, StoreError> {
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || s.store.blob_writer(max))
         .await
-        .map_err(|_| Fail(ErrorCode::Internal, "storage writer stopped".into()))??)
+        .unwrap_or_else(|e| Err(StoreError::Stopped(format!("task failed: {e}"))))
+}
+
+/// Ends a staged message (flushes it; the writer thread makes it durable).
+pub(crate) async fn finish_blob(writer: BlobWriter) -> std::result::Result<StagedBlob, StoreError> {
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Stopped(format!("task failed: {e}"))))
 }
 
 async fn fetch(conn: &Arc<Conn>, send: &mut SendStream, hash: BlobHash) -> Result {
@@ -183,7 +210,7 @@ async fn store(
             format!("{size} bytes exceeds the limit of {max}"),
         ));
     }
-    let mut writer = blocking(conn, move |s, _| s.store.blob_writer(max)).await?;
+    let mut writer = blob_writer(&conn.shared, max).await?;
     loop {
         match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => {
@@ -205,7 +232,7 @@ async fn store(
             format!("stream ended after {} of {size} bytes", writer.size()),
         ));
     }
-    let blob = tokio::task::spawn_blocking(move || writer.finish()).await??;
+    let blob = finish_blob(writer).await?;
     let appended = append(conn, NewRecord::Store { blob, tags }).await?;
     let reply = Response::Stored {
         hash: appended.hash,

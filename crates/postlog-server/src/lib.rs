@@ -6,6 +6,9 @@
 //!   its first stream, then every other stream carries one request ([`handlers`]).
 //! - [`push::Heads`]: per-account Head watch channels; the store's writer publishes each
 //!   group commit, and every open Log stream of that account wakes and sends the new records.
+//! - `smtp`: the LMTP (TCP, Unix socket) and SMTP (STARTTLS) listeners. Each connection
+//!   drives a sans-IO `postlog_smtp::Session`; messages are appended as Store records
+//!   through the same `Backend` as QUIC Stores, so watching clients get them pushed.
 //!
 //! Architecture invariant: handlers never touch files or SQLite directly; they go through
 //! [`postlog_store::Backend`], on blocking threads.
@@ -14,7 +17,9 @@ pub mod config;
 mod handlers;
 pub mod push;
 mod server;
+mod smtp;
 pub mod tls;
 
 pub use config::ServerConfig;
-pub use server::{Server, ServerError};
+pub use server::{LOCK_WAIT, Server, ServerError, StartOptions};
+pub use smtp::TLS_HANDSHAKE_TIMEOUT;

@@ -1,7 +1,7 @@
 //! The endpoint and the connection loop.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,6 +22,9 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 /// Delay before answering a failed authentication (slows guessing; issue #8 adds more).
 pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(200);
+/// How long start waits for the data directory's lock: `postlog deliver` holds it for a
+/// moment when it stores directly, and must not make a starting server fail.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -36,6 +39,24 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on the Unix socket {path}: {source}")]
+    BindUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `postlog serve` may override in `postlog.toml`. `None` keeps the configured value.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// UDP address of the QUIC endpoint.
+    pub listen: Option<SocketAddr>,
+    /// TCP address of the LMTP listener.
+    pub lmtp: Option<SocketAddr>,
+    /// Unix socket of the LMTP listener.
+    pub lmtp_unix: Option<PathBuf>,
+    /// TCP address of the SMTP listener.
+    pub smtp: Option<SocketAddr>,
 }
 
 pub(crate) struct Shared {
@@ -50,19 +71,48 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     fingerprint: String,
+    mail: crate::smtp::Listeners,
+    lmtp_addr: Option<SocketAddr>,
+    lmtp_socket: Option<PathBuf>,
+    smtp_addr: Option<SocketAddr>,
 }
 
 impl Server {
     /// Opens the data directory (config, certificate, store) and binds the endpoint.
     /// `listen` overrides the configured address.
     pub fn start(data: &Path, listen: Option<SocketAddr>) -> Result<Server, ServerError> {
+        Self::start_with(
+            data,
+            StartOptions {
+                listen,
+                ..StartOptions::default()
+            },
+        )
+    }
+
+    /// Like [`Server::start`], and also binds the LMTP and SMTP listeners that the
+    /// options or `postlog.toml` ask for.
+    pub fn start_with(data: &Path, opts: StartOptions) -> Result<Server, ServerError> {
         let mut config = ServerConfig::load_or_init(data)?;
-        if let Some(l) = listen {
+        if let Some(l) = opts.listen {
             config.listen = l;
+        }
+        if opts.lmtp.is_some() {
+            config.lmtp.listen = opts.lmtp;
+        }
+        if opts.lmtp_unix.is_some() {
+            config.lmtp.unix = opts.lmtp_unix;
+        }
+        if opts.smtp.is_some() {
+            config.smtp.listen = opts.smtp;
         }
         let identity = tls::load_or_generate(data, &config)?;
         let fingerprint = identity.fingerprint();
-        let store: Arc<dyn Backend> = Arc::new(Store::open(data)?);
+        let smtp_tls = match config.smtp.listen {
+            Some(_) => Some(tls::smtp_server_config(&identity)?),
+            None => None,
+        };
+        let store: Arc<dyn Backend> = Arc::new(open_store(data)?);
         let heads = Heads::default();
         let publisher = heads.clone();
         store.set_head_watcher(Arc::new(move |account, head| {
@@ -81,6 +131,16 @@ impl Server {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(bind)?;
+        let mut mail = crate::smtp::bind(
+            data,
+            config.lmtp.listen,
+            config.lmtp.unix.clone(),
+            config.smtp.listen,
+        )?;
+        mail.tls = smtp_tls;
+        let lmtp_addr = mail.lmtp.as_ref().and_then(|l| l.local_addr().ok());
+        let smtp_addr = mail.smtp.as_ref().and_then(|l| l.local_addr().ok());
+        let lmtp_socket = mail.lmtp_unix.as_ref().map(|(_, p)| p.clone());
         let shared = Arc::new(Shared {
             store,
             heads,
@@ -91,7 +151,26 @@ impl Server {
             endpoint,
             shared,
             fingerprint,
+            mail,
+            lmtp_addr,
+            lmtp_socket,
+            smtp_addr,
         })
+    }
+
+    /// The bound LMTP TCP address, if the listener is on.
+    pub fn lmtp_addr(&self) -> Option<SocketAddr> {
+        self.lmtp_addr
+    }
+
+    /// The LMTP Unix socket, if that listener is on.
+    pub fn lmtp_socket(&self) -> Option<&Path> {
+        self.lmtp_socket.as_deref()
+    }
+
+    /// The bound SMTP address, if the listener is on.
+    pub fn smtp_addr(&self) -> Option<SocketAddr> {
+        self.smtp_addr
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -110,16 +189,24 @@ impl Server {
     /// Serves until `shutdown` resolves, then closes every connection and waits (briefly)
     /// for them to go. Nothing acknowledged depends on this: acks follow durable commits.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Server {
+            endpoint,
+            shared,
+            mail,
+            ..
+        } = self;
+        let (stop_mail, stop_rx) = watch::channel(false);
+        let mail = tokio::spawn(crate::smtp::run(shared.clone(), mail, stop_rx));
         tokio::pin!(shutdown);
         loop {
             let incoming = tokio::select! {
                 _ = &mut shutdown => break,
-                i = self.endpoint.accept() => match i {
+                i = endpoint.accept() => match i {
                     Some(i) => i,
                     None => break,
                 },
             };
-            let shared = self.shared.clone();
+            let shared = shared.clone();
             if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
                 tracing::warn!(remote = %incoming.remote_address(), "connection limit reached");
                 incoming.refuse();
@@ -134,9 +221,24 @@ impl Server {
                 shared.connections.fetch_sub(1, Ordering::Relaxed);
             });
         }
-        self.endpoint
-            .close(close::SHUTDOWN.into(), b"server shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        let _ = stop_mail.send(true);
+        endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        let _ = mail.await;
+    }
+}
+
+/// Opens the store, waiting up to [`LOCK_WAIT`] while another process (a direct
+/// `postlog deliver`) holds the data directory.
+fn open_store(data: &Path) -> Result<Store, ServerError> {
+    let started = std::time::Instant::now();
+    loop {
+        match Store::open(data) {
+            Err(postlog_store::StoreError::Locked(_)) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return Ok(r?),
+        }
     }
 }
 

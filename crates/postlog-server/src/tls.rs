@@ -155,3 +155,14 @@ pub fn quinn_server_config(id: Identity) -> Result<quinn::ServerConfig, TlsError
     cfg.transport_config(Arc::new(postlog_net::transport_config()));
     Ok(cfg)
 }
+
+/// The rustls configuration for SMTP STARTTLS: the same certificate, TLS 1.2 and 1.3
+/// (MTAs still speak 1.2), no ALPN, no client certificates.
+pub fn smtp_server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = postlog_net::crypto_provider();
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    Ok(Arc::new(cfg))
+}

@@ -71,6 +71,54 @@ impl Accounts {
     pub fn revoke_device(&self, account: &str, device: DeviceId) -> Result<bool> {
         revoke_device(&self.conn, account, device)
     }
+
+    /// The account that receives mail for `address` (see [`resolve_address`]).
+    pub fn resolve_address(&self, address: &str) -> Result<Option<AccountId>> {
+        resolve_address(&self.conn, address)
+    }
+
+    /// The account's id; [`StoreError::NoSuchAccount`] if there is none.
+    pub fn account_id(&self, name: &str) -> Result<AccountId> {
+        account_id(&self.conn, name)
+    }
+
+    /// The addresses recorded for an account, sorted; catch-alls (`@domain`) included.
+    pub fn addresses(&self, account: &str) -> Result<Vec<String>> {
+        let id = account_id(&self.conn, account)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT address FROM addresses WHERE account_id = ?1 ORDER BY address")?;
+        let rows = stmt.query_map([id], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// The account that receives mail for `address`, or `None`. Matching ignores ASCII case
+/// (addresses are stored lower-cased). In order: the exact address; the address without
+/// its `+detail` (`ann+lists@example.org` reaches `ann@example.org`); the domain's
+/// catch-all, recorded as the address `@example.org`.
+pub(crate) fn resolve_address(conn: &Connection, address: &str) -> Result<Option<AccountId>> {
+    let address = address.trim().to_ascii_lowercase();
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return Ok(None);
+    };
+    if local.is_empty() || domain.is_empty() {
+        return Ok(None);
+    }
+    let mut candidates = vec![address.clone()];
+    if let Some((base, _detail)) = local.split_once('+')
+        && !base.is_empty()
+    {
+        candidates.push(format!("{base}@{domain}"));
+    }
+    candidates.push(format!("@{domain}"));
+    let mut stmt = conn.prepare_cached("SELECT account_id FROM addresses WHERE address = ?1")?;
+    for c in candidates {
+        if let Some(id) = stmt.query_row([&c], |r| r.get::<_, i64>(0)).optional()? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
 
 pub(crate) fn validate_account_name(name: &str) -> Result<()> {
@@ -123,7 +171,14 @@ pub(crate) fn add_device(
     };
     for a in addresses {
         let a = a.trim().to_ascii_lowercase();
-        if !a.contains('@') || a.len() > postlog_proto::limits::MAX_ADDRESS_LEN {
+        // `user@domain`, or `@domain`: the domain's catch-all.
+        let valid = a
+            .rsplit_once('@')
+            .is_some_and(|(_, domain)| !domain.is_empty() && !domain.contains('@'))
+            && !a
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || "<>".contains(c));
+        if !valid || a.len() > postlog_proto::limits::MAX_ADDRESS_LEN {
             return Err(StoreError::Invalid {
                 what: "address",
                 why: a,

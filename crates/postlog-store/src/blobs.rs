@@ -99,6 +99,23 @@ pub struct StagedBlob {
 }
 
 impl StagedBlob {
+    /// A second staged copy of the same bytes, for delivering one message into several
+    /// accounts (each placement consumes its copy). A hard link when the filesystem has
+    /// them (blobs are never modified in place, so sharing the inode is safe), else a copy.
+    pub fn duplicate(&self) -> Result<StagedBlob> {
+        let src = self.tmp.as_deref().unwrap_or(Path::new("tmp"));
+        let dir = src.parent().unwrap_or(Path::new("."));
+        let dest = dir.join(format!("{:016x}.blob", rand::random::<u64>()));
+        if std::fs::hard_link(src, &dest).is_err() {
+            std::fs::copy(src, &dest).map_err(|e| StoreError::io(&dest, e))?;
+        }
+        Ok(StagedBlob {
+            hash: self.hash,
+            size: self.size,
+            tmp: Some(dest),
+        })
+    }
+
     /// Moves the staged file to its final place. The caller fsyncs the directory.
     pub(crate) fn place(mut self, dest: &Path) -> Result<()> {
         let tmp = self.tmp.take().unwrap_or_default();

@@ -39,6 +39,8 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("storage stopped after a failed fsync or commit; restart the server to recover: {0}")]
     Stopped(String),
+    #[error("{0} is in use by another postlog process (a running server)")]
+    Locked(PathBuf),
     #[error("no such account: {0}")]
     NoSuchAccount(String),
     #[error("invalid {what}: {why}")]

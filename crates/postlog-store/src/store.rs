@@ -72,6 +72,10 @@ pub trait Backend: Send + Sync + 'static {
     fn set_head_watcher(&self, watcher: HeadWatcher);
     /// Whether a device exists and is not revoked.
     fn device_active(&self, device: DeviceId) -> Result<bool>;
+    /// The account that receives mail for a mail address (exact, `+detail`, catch-all).
+    fn resolve_address(&self, address: &str) -> Result<Option<AccountId>>;
+    /// The account with this name, if any.
+    fn account_by_name(&self, name: &str) -> Result<Option<AccountId>>;
 }
 
 /// The embedded store rooted at a data directory.
@@ -178,12 +182,8 @@ fn lock_exclusive(root: &Path) -> Result<std::fs::File> {
         .write(true)
         .open(&path)
         .map_err(|e| StoreError::io(&path, e))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-        StoreError::Invalid {
-            what: "data directory",
-            why: format!("{} is in use by another postlog server", root.display()),
-        }
-    })?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| StoreError::Locked(root.to_owned()))?;
     Ok(f)
 }
 
@@ -296,6 +296,18 @@ impl Backend for Store {
                 .optional()?;
             Ok(r == Some(0))
         })
+    }
+
+    fn resolve_address(&self, address: &str) -> Result<Option<AccountId>> {
+        self.with_reader(|c| accounts::resolve_address(c, address))
+    }
+
+    fn account_by_name(&self, name: &str) -> Result<Option<AccountId>> {
+        match self.with_reader(|c| accounts::account_id(c, name)) {
+            Ok(id) => Ok(Some(id)),
+            Err(StoreError::NoSuchAccount(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn set_head_watcher(&self, watcher: HeadWatcher) {
@@ -668,6 +680,79 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn addresses_resolve_exactly_by_detail_and_by_catch_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut accounts = crate::Accounts::open(dir.path()).unwrap();
+        let ann = accounts
+            .add_device("ann", &["Ann@Example.org".into()], "laptop")
+            .unwrap()
+            .account_id;
+        let bob = accounts
+            .add_device(
+                "bob",
+                &["bob@example.org".into(), "@bob.test".into()],
+                "phone",
+            )
+            .unwrap()
+            .account_id;
+        for (address, want) in [
+            ("ann@example.org", Some(ann)),
+            ("ANN@EXAMPLE.ORG", Some(ann)),
+            ("ann+lists@example.org", Some(ann)),
+            ("bob@example.org", Some(bob)),
+            ("anything@bob.test", Some(bob)),
+            ("anything@Bob.Test", Some(bob)),
+            ("nobody@example.org", None),
+            ("+x@example.org", None),
+            ("ann", None),
+            ("@bob.test", None),
+            ("ann@", None),
+        ] {
+            assert_eq!(store.resolve_address(address).unwrap(), want, "{address}");
+            assert_eq!(
+                accounts.resolve_address(address).unwrap(),
+                want,
+                "{address}"
+            );
+        }
+        assert_eq!(store.account_by_name("bob").unwrap(), Some(bob));
+        assert_eq!(store.account_by_name("carol").unwrap(), None);
+        assert_eq!(
+            accounts.addresses("bob").unwrap(),
+            ["@bob.test", "bob@example.org"]
+        );
+        // An address belongs to one account; malformed ones are refused.
+        for bad in ["bob@example.org", "no-at-sign", "a@", "a b@c"] {
+            assert!(
+                accounts.add_device("ann", &[bad.into()], "x").is_err(),
+                "{bad}"
+            );
+        }
+        // One staged message into two accounts: two copies, both placed.
+        let blob = stage(&store, b"to both");
+        let copy = blob.duplicate().unwrap();
+        let a = store
+            .append_blocking(ann, NewRecord::Store { blob, tags: vec![] })
+            .unwrap();
+        let b = store
+            .append_blocking(
+                bob,
+                NewRecord::Store {
+                    blob: copy,
+                    tags: vec![],
+                },
+            )
+            .unwrap();
+        assert_eq!(a.hash, b.hash);
+        assert_eq!(
+            store.read_blob(bob, &b.hash).unwrap().as_deref(),
+            Some(&b"to both"[..])
+        );
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
     }
 
     #[test]

@@ -16,6 +16,7 @@ append-only metadata log and a content-addressed blob store; clients keep a comp
 replica and sync it with one request: \"everything after offset N\".\n\n\
 Quick start:  postlog demo\n\
 Server:       postlog serve --data DIR   and   postlog account add NAME --data DIR\n\
+Mail in:      postlog serve --data DIR --lmtp 127.0.0.1:2424   or   postlog deliver\n\
 Client:       postlog login URL   then   postlog sync   or   postlog sync --watch"
 )]
 pub struct Cli {
@@ -33,6 +34,9 @@ pub enum Command {
     /// List and revoke devices.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Deliver one message from stdin into an account (a local delivery agent for
+    /// Postfix's mailbox_command or procmail).
+    Deliver(DeliverArgs),
     /// Check every record and every blob of a data directory; non-zero exit on problems.
     Verify(DataArg),
     /// Store a login URL (from `postlog account add`) in a client profile.
@@ -64,6 +68,41 @@ pub struct ServeArgs {
     /// UDP address to listen on (overrides `listen` in postlog.toml).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// Accept mail over LMTP on this TCP address, e.g. 127.0.0.1:2424 (overrides [lmtp]).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub lmtp: Option<SocketAddr>,
+    /// Accept mail over LMTP on this Unix socket (overrides [lmtp] unix).
+    #[arg(long, value_name = "PATH")]
+    pub lmtp_socket: Option<PathBuf>,
+    /// Accept mail over SMTP (with STARTTLS) on this TCP address (overrides [smtp]).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub smtp: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Exit status (sysexits, as MTAs expect): 0 stored durably; 65 not a \
+mail message (EX_DATAERR); 67 no such account (EX_NOUSER); 75 could not store now, try again \
+later (EX_TEMPFAIL).\n\n\
+With no server running, the message is stored directly in DIR. While the server runs (it \
+holds DIR's lock), the message goes to the server's LMTP listener: --lmtp, else [lmtp] in \
+DIR/postlog.toml.\n\n\
+Postfix:   mailbox_command = /usr/local/bin/postlog deliver --data DIR --account NAME\n\
+procmail:  :0 w\n           | postlog deliver --data DIR --account NAME"
+)]
+pub struct DeliverArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// The account that receives the message.
+    #[arg(long, value_name = "NAME")]
+    pub account: String,
+    /// Envelope sender for the Return-Path field (default: $SENDER, as Postfix sets it).
+    #[arg(long, short = 'f', value_name = "ADDR", env = "SENDER")]
+    pub from: Option<String>,
+    /// The running server's LMTP listener: ADDR:PORT or a socket path (default: from
+    /// DIR/postlog.toml).
+    #[arg(long, value_name = "ADDR:PORT|PATH")]
+    pub lmtp: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +239,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Account(AccountCmd::Add(a)) => s::account_add(a),
         Command::Device(d) => s::device(d),
         Command::Verify(a) => s::verify(a),
+        Command::Deliver(a) => Ok(crate::deliver::run(a)),
         Command::Login(a) => c::login(a).await,
         Command::Sync(a) => c::sync(a).await,
         Command::Import(ImportCmd::Maildir {

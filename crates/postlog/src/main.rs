@@ -5,6 +5,7 @@
 
 mod cli;
 mod client_cmds;
+mod deliver;
 mod demo;
 mod progress;
 mod server_cmds;

@@ -3,16 +3,31 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use postlog_server::{Server, ServerConfig};
+use postlog_server::{Server, ServerConfig, StartOptions};
 use postlog_store::Accounts;
 
 use crate::cli::{AccountAddArgs, DataArg, DeviceCmd, ServeArgs};
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let server = Server::start(&a.data.data, a.listen)
+    let opts = StartOptions {
+        listen: a.listen,
+        lmtp: a.lmtp,
+        lmtp_unix: a.lmtp_socket,
+        smtp: a.smtp,
+    };
+    let server = Server::start_with(&a.data.data, opts)
         .with_context(|| format!("starting the server in {}", a.data.data.display()))?;
     let addr = server.local_addr()?;
     tracing::info!(%addr, fingerprint = server.fingerprint(), data = %a.data.data.display(), "postlog server listening");
+    if let Some(a) = server.lmtp_addr() {
+        tracing::info!(addr = %a, "LMTP listening");
+    }
+    if let Some(p) = server.lmtp_socket() {
+        tracing::info!(socket = %p.display(), "LMTP listening");
+    }
+    if let Some(a) = server.smtp_addr() {
+        tracing::info!(addr = %a, "SMTP listening");
+    }
     server.run(shutdown_signal()).await;
     tracing::info!("server stopped");
     Ok(ExitCode::SUCCESS)

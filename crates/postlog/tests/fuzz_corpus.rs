@@ -79,6 +79,7 @@ replay_tests!(
     login_url,
     maildir_name,
     server_config,
+    smtp_session,
 );
 
 /// A new fuzz target needs a test above and a corpus directory; a stray corpus directory

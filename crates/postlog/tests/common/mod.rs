@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use postlog_client::{Endpoint, LoginUrl};
-use postlog_server::Server;
+use postlog_server::{Server, StartOptions};
 
 /// The `postlog` binary under test.
 pub fn bin() -> &'static str {
@@ -34,8 +34,22 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(data: &Path) -> InProcess {
-        let server =
-            Server::start(data, Some("127.0.0.1:0".parse().unwrap())).expect("server starts");
+        Self::start_with(data, StartOptions::default()).await.0
+    }
+
+    /// With LMTP/SMTP listeners (port 0 picks a free port); returns the server and its
+    /// bound (LMTP, SMTP) addresses.
+    pub async fn start_with(
+        data: &Path,
+        mut opts: StartOptions,
+    ) -> (InProcess, Option<SocketAddr>, Option<SocketAddr>) {
+        opts.listen = Some("127.0.0.1:0".parse().unwrap());
+        let server = Server::start_with(data, opts).expect("server starts");
+        let mail = (server.lmtp_addr(), server.smtp_addr());
+        (Self::run(server, data), mail.0, mail.1)
+    }
+
+    fn run(server: Server, data: &Path) -> InProcess {
         let addr = server.local_addr().unwrap();
         let fingerprint = server.fingerprint().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -111,10 +125,16 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn spawn(data: &Path, addr: SocketAddr) -> ServerProcess {
+        Self::spawn_with(data, addr, &[])
+    }
+
+    /// With extra `postlog serve` flags, e.g. `["--lmtp", "127.0.0.1:2424"]`.
+    pub fn spawn_with(data: &Path, addr: SocketAddr, extra: &[&str]) -> ServerProcess {
         let child = Command::new(bin())
             .args(["serve", "--data"])
             .arg(data)
             .args(["--listen", &addr.to_string()])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -148,6 +168,14 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral TCP port")
 }
 
 /// The certificate fingerprint of a data directory's server (created on first start).
