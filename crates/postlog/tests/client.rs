@@ -243,7 +243,7 @@ async fn sigkill_during_sync_resumes_exactly() {
     );
     println!("client crash-resume: full sync {full:?}, {kills} kills, final: {out}");
     assert!(
-        kills >= 6,
+        kills >= 4,
         "most kills must land mid-sync to test anything ({kills})"
     );
     server.stop().await;
