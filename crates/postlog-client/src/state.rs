@@ -397,7 +397,9 @@ impl State {
         if self.meta("maildir_stamp")?.as_deref() == Some(stamp.as_str()) {
             return Ok(0);
         }
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut queued = 0;
         for sub in ["cur", "new"] {
             let d = maildir.join(sub);

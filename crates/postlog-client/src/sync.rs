@@ -202,7 +202,10 @@ pub async fn push_local_changes(
     tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         let mut state = State::open(&p.dir)?;
         let cursor = p.cursor()?;
-        let tx = state.conn().transaction().map_err(StateError::from)?;
+        let tx = state
+            .conn()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StateError::from)?;
         for seq in done {
             State::forget_op(&tx, seq)?;
         }
@@ -329,7 +332,10 @@ fn apply_batch(
     device: u64,
     after_files: &mut AfterFiles<'_>,
 ) -> Result<u64, SyncError> {
-    let tx = state.conn().transaction().map_err(StateError::from)?;
+    let tx = state
+        .conn()
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(StateError::from)?;
     let mut touched: BTreeMap<BlobHash, TagState> = BTreeMap::new();
     let mut blobs: HashMap<BlobHash, &[u8]> = HashMap::new();
     for (entry, blob) in &batch.entries {
