@@ -12,6 +12,43 @@ use crate::server::Shared;
 
 /// Most log entries read from storage per step of a Log stream.
 const LOG_BATCH: usize = 512;
+/// Most bytes of inline messages read per step of a Log stream.
+const LOG_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Log entries, each with its message's verified bytes for an inline Log.
+type LogStep = Vec<(postlog_proto::LogEntry, Option<Vec<u8>>)>;
+
+/// Reads one step of a Log stream on a blocking thread: the entries from `from` and, if
+/// `inline`, their messages. `true` when there may be more below the Head it read to.
+fn spawn_read(
+    conn: &Arc<Conn>,
+    from: LogOffset,
+    inline: bool,
+) -> tokio::task::JoinHandle<std::result::Result<(LogStep, bool), StoreError>> {
+    let c = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = &c.shared.store;
+        let entries = store.read_log(c.account, from, LOG_BATCH)?;
+        let mut more = entries.len() == LOG_BATCH;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut bytes = 0u64;
+        for entry in entries {
+            if bytes >= LOG_BATCH_BYTES {
+                more = true;
+                break;
+            }
+            let blob = match (&entry.record, inline) {
+                (Record::Store { hash, size, .. }, true) => {
+                    bytes += size;
+                    Some(store.read_blob(c.account, hash)?.ok_or(StoreError::CorruptBlob(*hash))?)
+                }
+                _ => None,
+            };
+            out.push((entry, blob));
+        }
+        Ok((out, more))
+    })
+}
 
 /// An authenticated connection.
 pub(crate) struct Conn {
@@ -254,32 +291,25 @@ async fn log(conn: &Arc<Conn>, send: &mut SendStream, mut from: LogOffset, inlin
     let mut live_sent = false;
     loop {
         let head = *heads.borrow_and_update();
-        while from < head {
-            let start = from;
-            let entries = blocking(conn, move |s, a| s.store.read_log(a, start, LOG_BATCH)).await?;
-            let full = entries.len() == LOG_BATCH;
-            for entry in entries {
-                let next = entry.offset + 1;
-                let blob = match (&entry.record, inline) {
-                    (Record::Store { hash, .. }, true) => {
-                        let h = *hash;
-                        let bytes = blocking(conn, move |s, a| s.store.read_blob(a, &h)).await?;
-                        Some(bytes.ok_or_else(|| {
-                            Fail(ErrorCode::Corrupt, format!("message {h} is missing"))
-                        })?)
-                    }
-                    _ => None,
-                };
+        // Each step reads up to LOG_BATCH records and, for an inline Log, their messages
+        // (up to LOG_BATCH_BYTES) in one blocking call; the next step is read while this
+        // one is written to the stream.
+        let mut next = (from < head).then(|| spawn_read(conn, from, inline));
+        while let Some(step) = next.take() {
+            let (items, more) = step.await??;
+            let after = items.last().map(|(e, _)| e.offset + 1).unwrap_or(from);
+            let resume = if more { after } else { after.max(head) };
+            if resume < head {
+                next = Some(spawn_read(conn, resume, inline));
+            }
+            for (entry, blob) in items {
                 send.write_all(&Response::Entry(entry).to_frame()).await?;
                 if let Some(bytes) = blob {
                     send.write_all(&bytes).await?;
                 }
-                from = next;
             }
-            if !full {
-                // Everything below `head` was read; the rest were scrubbed holes.
-                from = from.max(head);
-            }
+            // Without `more`, everything below `head` was read; the rest were scrubbed holes.
+            from = resume;
         }
         if !live_sent {
             send.write_all(&Response::Live { head }.to_frame()).await?;
