@@ -40,7 +40,11 @@ fn spawn_read(
             let blob = match (&entry.record, inline) {
                 (Record::Store { hash, size, .. }, true) => {
                     bytes += size;
-                    Some(store.read_blob(c.account, hash)?.ok_or(StoreError::CorruptBlob(*hash))?)
+                    Some(
+                        store
+                            .read_blob(c.account, hash)?
+                            .ok_or(StoreError::CorruptBlob(*hash))?,
+                    )
                 }
                 _ => None,
             };
