@@ -23,15 +23,15 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     assert!(resumed.zero_rtt, "a resumed connection uses 0-RTT");
     assert_eq!(resumed.head().await.unwrap(), 0);
     resumed.close();
-    let c2 = Endpoint::new(&server.fingerprint)
-        .unwrap()
-        .connect(&login)
-        .await
-        .unwrap();
+    let endpoint2 = Endpoint::new(&server.fingerprint).unwrap();
+    let c2 = endpoint2.connect(&login).await.unwrap();
 
     // A Log stream opened before any Store sees every record live, in offset order.
     let mut log = c2.log(0, false).await.unwrap();
     assert!(matches!(log.next().await.unwrap(), LogItem::Live(0)));
+    // The laptop changes networks: the client moves to a new local socket (QUIC connection
+    // migration). The open Log stream and the connection carry on; nothing is lost.
+    endpoint2.rebind().unwrap();
     const N: usize = 1000;
     let watcher = tokio::spawn(async move {
         let mut got = Vec::new();
