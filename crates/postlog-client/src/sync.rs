@@ -67,6 +67,12 @@ impl SyncError {
             SyncError::Client(c) => c.is_retryable(),
             #[cfg(feature = "notmuch")]
             SyncError::Notmuch(n) => n.is_retryable(),
+            // Another process (a second sync, `postlog tag`) held the local database for
+            // longer than the busy timeout: try again rather than give up on watching.
+            SyncError::State(StateError::Db(rusqlite::Error::SqliteFailure(e, _))) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
             _ => false,
         }
     }
