@@ -31,7 +31,7 @@ usage: bench/sync-vs-mbsync.sh [options]
                     of the CPUs (default 25) ...
   --max-wait S      ... but at most S seconds over the whole run (default 600)
   --prefault MB     touch and free MB of memory right before each timed run (default: corpus
-                    size + 512 MB, at most half the available memory; 0 = off; see prefault())
+                    size + 512 MB; never more than free memory - 1 GB; 0 = off; see prefault())
   --workdir DIR     where to put everything (default: a new directory under $TMPDIR or /tmp)
   --out FILE        also write the results table (markdown) to FILE
   --keep            keep the work directory (default: removed at exit)
@@ -214,7 +214,13 @@ settle() {
 # filling the page cache with new files costs 2-4x more, by an amount that varies with the
 # memory's history. Touching the memory first makes every run start with host-backed free
 # memory, as on bare metal (the kernel reports free memory again about 2 s after it is freed).
-prefault() { python3 -c 'import sys; b = b"\x01" * (int(sys.argv[1]) << 20)' "$1"; }
+# At most the free memory less 1 GB: more would evict page cache (the data just warmed).
+prefault() {
+    local mb=$1 free
+    free=$(awk '/^MemFree/ {printf "%d", $2 / 1024 - 1024}' /proc/meminfo)
+    ((free < mb)) && mb=$free
+    ((mb < 256)) || python3 -c 'import sys; b = b"\x01" * (int(sys.argv[1]) << 20)' "$mb"
+}
 # warm DIR...: read every file once, so what a run reads is in the page cache. The VM this
 # was written on runs DAMON proactive reclaim (page-out of memory idle for about a minute),
 # which otherwise evicts a server's mail between repetitions, unevenly.
@@ -228,11 +234,7 @@ log "generating the corpus"
 "$BIN/make-corpus" --seed "$SEED" --messages "$N" --out "$W/corpus" >"$W/corpus.out"
 BYTES=$(awk '{print $3}' "$W/corpus.out")
 MB=$(calc %.1f "$BYTES / 1e6")
-if [[ -z $PREFAULT_MB ]]; then
-    PREFAULT_MB=$((BYTES / 1048576 + 512))
-    half=$(awk '/MemAvailable/ {printf "%d", $2 / 2048}' /proc/meminfo)
-    ((PREFAULT_MB <= half)) || PREFAULT_MB=$half
-fi
+[[ -n $PREFAULT_MB ]] || PREFAULT_MB=$((BYTES / 1048576 + 512))
 log "corpus: $N messages, $MB MB"
 
 # ---------------------------------------------------------------- Dovecot
@@ -531,7 +533,8 @@ $FULL_BG%, no-change $NOOP_BG%, incremental $INC_BG%, push $PUSH_BG% (above $QUI
 waited first: $((WAITED * 11 / 10)) s in all, at most $MAX_WAIT). Postlog full sync lost
 $(med "${DROPS[@]}") UDP datagrams to full receive buffers per run (median of the
 system-wide RcvbufErrors count; default receive buffer $(sysctl -n net.core.rmem_default) bytes). Before each timed
-run $PREFAULT_MB MB of memory was touched and freed (see \`prefault\` in the script).
+run up to $PREFAULT_MB MB of memory (no more than was free) was touched and freed (see
+\`prefault\` in the script).
 
 | Measurement | Postlog | mbsync (fsync/msg) | mbsync FSync no | Limit / target | Ratio | Target |
 |---|---|---|---|---|---|---|
