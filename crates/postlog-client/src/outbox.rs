@@ -192,7 +192,6 @@ pub fn exit_code_for(code: Option<ErrorCode>) -> u8 {
     match code {
         Some(ErrorCode::SenderNotAllowed) => 77, // EX_NOPERM
         Some(ErrorCode::NotMail | ErrorCode::BadRecipients | ErrorCode::TooLarge) => 65, // EX_DATAERR
-        Some(ErrorCode::AuthFailed) => 77,
         _ => 75, // EX_TEMPFAIL
     }
 }

@@ -34,9 +34,12 @@ pub enum MailError {
     /// More than [`MAX_RECIPIENTS`].
     #[error("more than {MAX_RECIPIENTS} recipients")]
     TooManyRecipients,
-    /// An address that is not `local@domain`.
+    /// A recipient address that is not `local@domain`.
     #[error("invalid address {0:?}")]
     BadAddress(String),
+    /// The envelope sender is not a usable `local@domain` address.
+    #[error("invalid sender address {0:?}")]
+    BadSender(String),
 }
 
 /// A message ready for the relay queue.
@@ -75,7 +78,7 @@ pub fn submission(
     } else {
         from.to_string()
     };
-    check_address(&from)?;
+    check_address(&from).map_err(|_| MailError::BadSender(from.chars().take(80).collect()))?;
     let mut rcpts: Vec<String> = Vec::new();
     let explicit = !recipients.is_empty();
     let listed = if explicit {

@@ -48,6 +48,10 @@ fn submission_rejects_what_cannot_be_sent() {
         submission(MSG, "", &["not an address".into()]),
         Err(MailError::BadAddress(_))
     ));
+    assert!(matches!(
+        submission(MSG, "a b@c", &[]),
+        Err(MailError::BadSender(_))
+    ));
     let many: Vec<String> = (0..=MAX_RECIPIENTS)
         .map(|i| format!("r{i}@x.org"))
         .collect();

@@ -112,10 +112,9 @@ impl RelayTarget {
             .trim_end_matches(']')
             .to_string();
         let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
         };
         let user = (!u.username().is_empty()).then(|| decode(u.username()));
         let password = u.password().map(decode);

@@ -328,6 +328,7 @@ async fn submit(
     let sub = postlog_mail::submission(&head, &from, &recipients).map_err(|e| {
         let code = match e {
             postlog_mail::MailError::NotMail(_) => ErrorCode::NotMail,
+            postlog_mail::MailError::BadSender(_) => ErrorCode::SenderNotAllowed,
             _ => ErrorCode::BadRecipients,
         };
         Fail(code, e.to_string())

@@ -33,7 +33,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(60);
 /// The relay's settings, resolved from `[relay]` and `postlog serve --relay`.
 #[derive(Clone, Debug)]
 pub(crate) struct Relay {
-    pub target: RelayTarget,
+    /// `None` without a configured relay: mail stays queued and, after the retry period,
+    /// bounces ("no relay is configured").
+    pub target: Option<RelayTarget>,
     pub ca_pem: Option<Vec<u8>>,
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -51,7 +53,10 @@ pub(crate) async fn run(
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    tracing::info!(host = %relay.target.host, port = relay.target.port, "relay worker started");
+    match &relay.target {
+        Some(t) => tracing::info!(host = %t.host, port = t.port, "relay worker started"),
+        None => tracing::warn!("no [relay] configured: sent mail stays queued until one is"),
+    }
     loop {
         if *stop.borrow() {
             return;
@@ -159,8 +164,32 @@ async fn attempt(shared: &Arc<Shared>, relay: &Relay, q: QueuedSend) {
             match stage(shared, &dsn).await {
                 Ok(blob) => Some((blob, relay.bounce_tags.clone())),
                 Err(e) => {
-                    // Without its bounce the failure must not be recorded: retry instead.
+                    // A failure is recorded only with its bounce: keep the failed recipients
+                    // pending (they fail again, and bounce, on a later attempt) but record
+                    // the accepted ones, so they are not sent twice.
                     tracing::error!(error = %e, "cannot stage a bounce; retrying later");
+                    let next_ms = now + relay.retry_initial.as_millis() as u64;
+                    let reports = reports
+                        .into_iter()
+                        .map(|mut r| {
+                            if let Delivery::Failed { reason, .. } = &r.delivery {
+                                r.delivery = Delivery::Retry {
+                                    reason: reason.clone(),
+                                    next_ms,
+                                };
+                            }
+                            r
+                        })
+                        .collect();
+                    let record = NewRecord::Relayed {
+                        hash,
+                        reports,
+                        bounce: None,
+                    };
+                    if let Err(e) = append_to(shared, account, record).await {
+                        tracing::error!(%hash, error = %e, "cannot record a relay attempt");
+                        tokio::time::sleep(relay.retry_initial).await;
+                    }
                     return;
                 }
             }
@@ -235,8 +264,10 @@ fn error_reply(e: &SmtpError) -> (Option<u16>, String) {
     (e.status().map(u16::from), e.to_string())
 }
 
-async fn connect(relay: &Relay) -> Result<AsyncSmtpConnection, SmtpError> {
-    let t = &relay.target;
+/// Connects, secures and authenticates. Any failure here (including a 5xx to STARTTLS or
+/// AUTH: a relay misconfigured on our side) is temporary for the queued mail: it is retried,
+/// and bounces only when the retry period runs out.
+async fn connect(relay: &Relay, t: &RelayTarget) -> Result<AsyncSmtpConnection, SmtpError> {
     let hello = ClientId::Domain(relay.hostname.clone());
     let tls = || {
         let mut b = TlsParameters::builder(t.host.clone());
@@ -274,12 +305,27 @@ async fn transaction(
     rcpts: &[String],
     message: &[u8],
 ) -> Result<Vec<(String, Outcome)>, TxError> {
-    let mut conn = tokio::time::timeout(relay.timeout, connect(relay))
-        .await
-        .map_err(|_| TxError {
+    let Some(target) = &relay.target else {
+        return Err(TxError {
             code: None,
-            text: "the relay did not answer in time".into(),
-        })??;
+            text: "no relay is configured ([relay] url in postlog.toml)".into(),
+        });
+    };
+    let mut conn = match tokio::time::timeout(relay.timeout, connect(relay, target)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(TxError {
+                code: None,
+                text: format!("relay {}:{}: {e}", target.host, target.port),
+            });
+        }
+        Err(_) => {
+            return Err(TxError {
+                code: None,
+                text: "the relay did not answer in time".into(),
+            });
+        }
+    };
     let mut params = Vec::new();
     if !message.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
         params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
@@ -446,7 +492,7 @@ mod tests {
 
     fn relay() -> Relay {
         Relay {
-            target: RelayTarget::parse("smtp+plain://127.0.0.1:25").unwrap(),
+            target: RelayTarget::parse("smtp+plain://127.0.0.1:25").ok(),
             ca_pem: None,
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),

@@ -78,7 +78,7 @@ pub struct Server {
     shared: Arc<Shared>,
     fingerprint: String,
     mail: crate::smtp::Listeners,
-    relay: Option<crate::relay::Relay>,
+    relay: crate::relay::Relay,
     lmtp_addr: Option<SocketAddr>,
     lmtp_socket: Option<PathBuf>,
     smtp_addr: Option<SocketAddr>,
@@ -211,18 +211,12 @@ impl Server {
             ..
         } = self;
         let (stop_mail, stop_rx) = watch::channel(false);
-        let relay = match relay {
-            Some(r) => Some(tokio::spawn(crate::relay::run(
-                shared.clone(),
-                r,
-                shared.relay_wake.clone(),
-                stop_rx.clone(),
-            ))),
-            None => {
-                tracing::warn!("no [relay] configured: sent mail stays queued until one is");
-                None
-            }
-        };
+        let relay = tokio::spawn(crate::relay::run(
+            shared.clone(),
+            relay,
+            shared.relay_wake.clone(),
+            stop_rx.clone(),
+        ));
         let mail = tokio::spawn(crate::smtp::run(shared.clone(), mail, stop_rx));
         tokio::pin!(shutdown);
         loop {
@@ -252,21 +246,19 @@ impl Server {
         endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         let _ = mail.await;
-        if let Some(r) = relay {
-            let _ = r.await;
-        }
+        let _ = relay.await;
     }
 }
 
-/// The relay worker's settings, if a relay URL is configured.
-fn relay_settings(
-    data: &Path,
-    config: &ServerConfig,
-) -> Result<Option<crate::relay::Relay>, ServerError> {
+/// The relay worker's settings (without a relay URL, the worker only bounces mail that
+/// waited longer than the retry period).
+fn relay_settings(data: &Path, config: &ServerConfig) -> Result<crate::relay::Relay, ServerError> {
     use crate::config::{RelayTarget, parse_duration};
     let r = &config.relay;
-    let Some(url) = &r.url else { return Ok(None) };
-    let target = RelayTarget::parse(url).map_err(ServerError::Relay)?;
+    let target = match &r.url {
+        Some(url) => Some(RelayTarget::parse(url).map_err(ServerError::Relay)?),
+        None => None,
+    };
     let ca_pem = match &r.ca_file {
         Some(f) => {
             let path = data.join(f);
@@ -277,7 +269,7 @@ fn relay_settings(
         None => None,
     };
     let d = |s: &str| parse_duration(s).map_err(ServerError::Relay);
-    Ok(Some(crate::relay::Relay {
+    Ok(crate::relay::Relay {
         target,
         ca_pem,
         retry_initial: d(&r.retry_initial)?,
@@ -286,7 +278,7 @@ fn relay_settings(
         timeout: d(&r.timeout)?,
         bounce_tags: r.bounce_tags.clone(),
         hostname: config.mail_hostname().to_string(),
-    }))
+    })
 }
 
 /// Opens the store, waiting up to [`LOCK_WAIT`] while another process (a direct
