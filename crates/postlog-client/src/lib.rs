@@ -10,6 +10,8 @@
 //! - [`state`]: the replica's tag CRDT state, Maildir names and queued local tag changes
 //!   (`PROFILE/state.db`).
 //! - [`import`]: store an existing Maildir's messages on the server, many at once.
+//! - [`imap`]: copy an IMAP account's folders into the account (flags, keywords and folders
+//!   become tags), resumable by per-folder UIDVALIDITY/UID checkpoints in state.db.
 //! - `notmuch` (feature `notmuch`, links GPL-3.0-or-later libnotmuch): index synced mail in
 //!   a notmuch database and sync every notmuch tag both ways.
 //!
@@ -17,6 +19,7 @@
 //! durable locally, so a crash at any point followed by another sync converges.
 
 mod connection;
+pub mod imap;
 pub mod import;
 mod maildir;
 #[cfg(feature = "notmuch")]
