@@ -272,7 +272,8 @@ pub struct ImportImapArgs {
     /// Tag FOLDER's messages with TAG instead of the folder's name (repeatable).
     #[arg(long = "folder-tag", value_name = "FOLDER=TAG")]
     pub folder_tags: Vec<String>,
-    /// Never show a progress bar.
+    /// Print nothing on success, no progress bar and no summary (for cron); errors still
+    /// go to stderr.
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -273,6 +273,9 @@ pub async fn import_imap(a: ImportImapArgs) -> anyhow::Result<ExitCode> {
     for (folder, uid, why) in &r.skipped {
         eprintln!("skipped {folder} UID {uid}: {why}");
     }
+    if a.quiet {
+        return Ok(ExitCode::SUCCESS);
+    }
     for f in r.folders.iter().filter(|f| f.rescanned) {
         eprintln!(
             "{}: UIDVALIDITY changed, read again from the start",
