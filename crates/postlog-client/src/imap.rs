@@ -67,8 +67,8 @@ pub enum ImapError {
     },
     #[error("reading the CA file {path}: {why}")]
     CaFile { path: PathBuf, why: String },
-    #[error("the IMAP server has no folder {0:?} (see the folder list with --folder '*')")]
-    NoSuchFolder(String),
+    #[error("the IMAP server has no folder {folder:?}; it has: {available}")]
+    NoSuchFolder { folder: String, available: String },
     #[error("IMAP: {0}")]
     Imap(String),
     #[error(transparent)]
@@ -525,7 +525,13 @@ async fn run(
             });
             match found {
                 Some(f) => out.push(f.clone()),
-                None => return Err(ImapError::NoSuchFolder(want.clone())),
+                None => {
+                    let available: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(ImapError::NoSuchFolder {
+                        folder: want.clone(),
+                        available: available.join(", "),
+                    });
+                }
             }
         }
         out

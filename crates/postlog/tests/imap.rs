@@ -401,7 +401,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     );
 
     // 5. Failures are clear and lose nothing: wrong password, untrusted certificate, a
-    //    closed port, plaintext without the explicit flag.
+    //    closed port, plaintext without the explicit flag, an unknown folder.
     let bad = dir.join("bad-password");
     std::fs::write(&bad, "wrong\n").unwrap();
     let (ok, _, err) = import(&imaps, "implicit", &bad, &["--ca-file", ca]);
@@ -416,6 +416,16 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     assert!(!ok && err.contains("cannot reach the IMAP server"), "{err}");
     let (ok, _, err) = import(&imap, "plain", &pw, &[]);
     assert!(!ok && err.contains("--insecure-plaintext"), "{err}");
+    let (ok, _, err) = import(
+        &imaps,
+        "implicit",
+        &pw,
+        &["--ca-file", ca, "--folder", "Nope"],
+    );
+    assert!(
+        !ok && err.contains("no folder \"Nope\"") && err.contains("Lists.rust"),
+        "{err}"
+    );
     let (ok, out, err) = import(
         &imap,
         "starttls",
