@@ -43,6 +43,9 @@ use crate::{ClientError, Connection};
 
 /// Store (and Tag) requests in flight at once.
 pub const IMAP_STORE_CONCURRENCY: usize = 64;
+/// Message bytes held by Store requests in flight at once (a message larger than this is
+/// still sent, alone).
+pub const IMAP_BYTES_IN_FLIGHT: u64 = 256 << 20;
 /// UIDs per `UID FETCH` command, and per checkpoint.
 pub const IMAP_BATCH: usize = 256;
 /// How long connecting (TCP, TLS, greeting) may take.
@@ -459,6 +462,15 @@ enum Done {
     Failed(ClientError),
 }
 
+/// The requests in flight and the batches they belong to.
+#[derive(Default)]
+struct InFlight {
+    /// Each task returns the message bytes it held (0 for a Tag request) and its outcome.
+    tasks: JoinSet<(u64, Done)>,
+    batches: VecDeque<Batch>,
+    bytes: u64,
+}
+
 /// A batch of one folder's UIDs: checkpointed at `last_uid` once `fetched` and nothing of it
 /// (or of an earlier batch) is in flight.
 struct Batch {
@@ -593,8 +605,7 @@ async fn run(
     };
 
     // Pass 2: fetch in batches; store many at once; checkpoint finished batches in order.
-    let mut tasks: JoinSet<Done> = JoinSet::new();
-    let mut batches: VecDeque<Batch> = VecDeque::new();
+    let mut flight = InFlight::default();
     let mut next_batch = 0u64;
     let mut failure: Option<ImapError> = None;
     'folders: for (fi, folder) in folders.iter().enumerate() {
@@ -609,7 +620,7 @@ async fn run(
         for chunk in folder.uids.chunks(IMAP_BATCH) {
             let batch_id = next_batch;
             next_batch += 1;
-            batches.push_back(Batch {
+            flight.batches.push_back(Batch {
                 id: batch_id,
                 folder: fi,
                 last_uid: chunk[chunk.len() - 1],
@@ -645,10 +656,12 @@ async fn run(
                 };
                 let body = body.to_vec();
                 drop(fetched);
-                while tasks.len() >= IMAP_STORE_CONCURRENCY {
+                let size = body.len() as u64;
+                while flight.tasks.len() >= IMAP_STORE_CONCURRENCY
+                    || (flight.bytes > 0 && flight.bytes + size > IMAP_BYTES_IN_FLIGHT)
+                {
                     if let Some(e) = handle(
-                        &mut tasks,
-                        &mut batches,
+                        &mut flight,
                         state,
                         conn,
                         &key,
@@ -662,24 +675,26 @@ async fn run(
                         break 'folders;
                     }
                 }
-                if let Some(b) = batches.back_mut() {
+                if let Some(b) = flight.batches.back_mut() {
                     b.in_flight += 1;
                 }
+                flight.bytes += size;
                 let conn = conn.clone();
-                tasks.spawn(async move { store(&conn, batch_id, uid, body, tags).await });
+                flight
+                    .tasks
+                    .spawn(async move { (size, store(&conn, batch_id, uid, body, tags).await) });
             }
             drop(fetches);
-            if let Some(b) = batches.back_mut() {
+            if let Some(b) = flight.batches.back_mut() {
                 b.fetched = true;
             }
-            advance(&mut batches, state, &key, &folders)?;
+            advance(&mut flight.batches, state, &key, &folders)?;
         }
     }
     // Drain what is in flight; on a failure, still record what was acknowledged.
-    while !tasks.is_empty() {
+    while !flight.tasks.is_empty() {
         match handle(
-            &mut tasks,
-            &mut batches,
+            &mut flight,
             state,
             conn,
             &key,
@@ -698,7 +713,7 @@ async fn run(
     if let Some(e) = failure {
         return Err(e);
     }
-    advance(&mut batches, state, &key, &folders)?;
+    advance(&mut flight.batches, state, &key, &folders)?;
     Ok(report)
 }
 
@@ -746,8 +761,7 @@ async fn store(conn: &Connection, batch: u64, uid: u32, body: Vec<u8>, tags: Vec
 /// import, if the task failed.
 #[allow(clippy::too_many_arguments)]
 async fn handle(
-    tasks: &mut JoinSet<Done>,
-    batches: &mut VecDeque<Batch>,
+    flight: &mut InFlight,
     state: &mut State,
     conn: &Connection,
     key: &str,
@@ -755,10 +769,12 @@ async fn handle(
     report: &mut ImapReport,
     progress: &ImapProgress,
 ) -> Result<Option<ImapError>, ImapError> {
-    let Some(joined) = tasks.join_next().await else {
+    let Some(joined) = flight.tasks.join_next().await else {
         return Ok(None);
     };
-    let done = joined.map_err(|e| ImapError::Imap(format!("store task: {e}")))?;
+    let (held, done) = joined.map_err(|e| ImapError::Imap(format!("store task: {e}")))?;
+    flight.bytes -= held;
+    let batches = &mut flight.batches;
     let finish = |batches: &mut VecDeque<Batch>, id: u64| {
         if let Some(b) = batches.iter_mut().find(|b| b.id == id) {
             b.in_flight -= 1;
@@ -795,14 +811,19 @@ async fn handle(
             } else {
                 // Queued durably first (a crash leaves it for the next `postlog sync` to
                 // send), with a sequence number of this device that no other op uses.
-                let seq = State::queue_op(state.conn(), &hash, &extra, &[], offset)?;
+                // IMMEDIATE: another postlog process may be numbering its own ops.
+                let tx = state
+                    .conn()
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let seq = State::queue_op(&tx, &hash, &extra, &[], offset)?;
+                tx.commit()?;
                 let conn = conn.clone();
-                tasks.spawn(async move {
+                flight.tasks.spawn(async move {
                     let result = conn
                         .tag(&hash, &extra, &[], offset, seq)
                         .await
                         .map(|(o, _)| o);
-                    Done::Tagged { batch, seq, result }
+                    (0, Done::Tagged { batch, seq, result })
                 });
             }
         }
@@ -829,7 +850,7 @@ async fn handle(
         }
         Done::Failed(e) => return Ok(Some(e.into())),
     }
-    advance(batches, state, key, folders)?;
+    advance(&mut flight.batches, state, key, folders)?;
     Ok(None)
 }
 
@@ -894,5 +915,47 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
         assert_eq!(uid_set(&[9]), "9");
         assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn checkpoints_cover_only_acknowledged_batches_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::open(dir.path()).unwrap();
+        state.conn().execute_batch(SCHEMA).unwrap();
+        let folder = |name: &str, uidvalidity| Folder {
+            name: name.into(),
+            tag: name.to_lowercase(),
+            uidvalidity,
+            uids: Vec::new(),
+            rescanned: false,
+        };
+        let folders = [folder("INBOX", 7), folder("Archive", 9)];
+        let batch = |id, folder, last_uid, fetched, in_flight| Batch {
+            id,
+            folder,
+            last_uid,
+            fetched,
+            in_flight,
+        };
+        let mut q: VecDeque<Batch> = [
+            batch(0, 0, 256, true, 1),
+            batch(1, 0, 400, true, 0),
+            batch(2, 1, 50, false, 0),
+        ]
+        .into();
+        let at = |state: &mut State, f: &str| checkpoint(state.conn(), "k", f).unwrap();
+        // Batch 1 is done, but batch 0 still has a Store in flight: nothing is covered.
+        advance(&mut q, &mut state, "k", &folders).unwrap();
+        assert_eq!(at(&mut state, "INBOX"), None);
+        q[0].in_flight = 0;
+        advance(&mut q, &mut state, "k", &folders).unwrap();
+        assert_eq!(at(&mut state, "INBOX"), Some((7, 400)));
+        // Archive's batch is still being fetched.
+        assert_eq!(at(&mut state, "Archive"), None);
+        assert_eq!(q.len(), 1);
+        q[0].fetched = true;
+        advance(&mut q, &mut state, "k", &folders).unwrap();
+        assert_eq!(at(&mut state, "Archive"), Some((9, 50)));
+        assert!(q.is_empty());
     }
 }
