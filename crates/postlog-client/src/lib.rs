@@ -12,6 +12,8 @@
 //! - [`import`]: store an existing Maildir's messages on the server, many at once.
 //! - [`outbox`]: mail `postlog sendmail` could not hand to the server yet, kept durably and
 //!   sent (idempotently) by the next sync, watch or sendmail.
+//! - [`imap`]: copy an IMAP account's folders into the account (flags, keywords and folders
+//!   become tags), resumable by per-folder UIDVALIDITY/UID checkpoints in state.db.
 //! - `notmuch` (feature `notmuch`, links GPL-3.0-or-later libnotmuch): index synced mail in
 //!   a notmuch database and sync every notmuch tag both ways.
 //!
@@ -19,6 +21,7 @@
 //! durable locally, so a crash at any point followed by another sync converges.
 
 mod connection;
+pub mod imap;
 pub mod import;
 mod maildir;
 #[cfg(feature = "notmuch")]

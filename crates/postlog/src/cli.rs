@@ -219,6 +219,71 @@ pub enum ImportCmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Copy every message of an IMAP account (all folders, or --folder ones) into the
+    /// account; flags, keywords and folders become tags. Resumable: the next run copies only
+    /// what is new, so it can run periodically as a bridge.
+    Imap(ImportImapArgs),
+}
+
+/// How to reach the IMAP server.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsArg {
+    /// TLS from the first byte (IMAPS, port 993).
+    Implicit,
+    /// STARTTLS on a plain connection (port 143).
+    Starttls,
+    /// No TLS: the password travels in the clear. Needs --insecure-plaintext.
+    Plain,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "The password comes from --password-file FILE (its first line) or from \
+the environment variable POSTLOG_IMAP_PASSWORD; never from the command line.\n\n\
+Tags: INBOX -> inbox, other folders -> their name (hierarchy delimiter turned into /), \
+\\Seen -> no unread, \\Flagged -> flagged, \\Answered -> replied, \\Draft -> draft, \
+\\Deleted -> deleted, keywords -> themselves. A message in several folders gets every \
+folder's tag. The importer only adds tags; the source account is never changed (EXAMINE, \
+BODY.PEEK).\n\n\
+Examples:\n  \
+POSTLOG_IMAP_PASSWORD=... postlog import imap --host imap.example.org --user ann\n  \
+postlog import imap --host mail.example.org --user ann --password-file ~/.imap-pass \\\n    \
+--folder INBOX --folder Archive --folder-tag Archive=archive"
+)]
+pub struct ImportImapArgs {
+    #[command(flatten)]
+    pub profile: ProfileArg,
+    /// The IMAP server's host name (checked against its certificate).
+    #[arg(long)]
+    pub host: String,
+    /// Port (default: 993 with --tls implicit, else 143).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The IMAP login name.
+    #[arg(long)]
+    pub user: String,
+    /// A file whose first line is the password (else $POSTLOG_IMAP_PASSWORD).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// How the connection is protected.
+    #[arg(long, value_enum, default_value = "implicit")]
+    pub tls: TlsArg,
+    /// Allow --tls plain (for an IMAP server on loopback).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Also trust the CA certificates in this PEM file (a private CA or a self-signed server).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Copy this folder (repeatable; default: every folder).
+    #[arg(long = "folder", value_name = "NAME")]
+    pub folders: Vec<String>,
+    /// Tag FOLDER's messages with TAG instead of the folder's name (repeatable).
+    #[arg(long = "folder-tag", value_name = "FOLDER=TAG")]
+    pub folder_tags: Vec<String>,
+    /// Print nothing on success, no progress bar and no summary (for cron); errors still
+    /// go to stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -262,6 +327,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             profile,
             quiet,
         }) => c::import_maildir(src, profile, quiet).await,
+        Command::Import(ImportCmd::Imap(a)) => c::import_imap(a).await,
         Command::Status(a) => c::status(a).await,
         Command::Tag(a) => c::tag(a).await,
         Command::Demo(a) => crate::demo::run(a).await,

@@ -9,7 +9,7 @@ use anyhow::Context;
 use postlog_client::sync::{self, Progress};
 use postlog_client::{ClientError, Endpoint, LoginUrl, Maildir, Profile};
 
-use crate::cli::{LoginArgs, ProfileArg, SyncArgs, TagArgs};
+use crate::cli::{ImportImapArgs, LoginArgs, ProfileArg, SyncArgs, TagArgs, TlsArg};
 use crate::progress::Bar;
 
 fn load(p: &ProfileArg) -> anyhow::Result<Profile> {
@@ -190,6 +190,116 @@ pub async fn import_maildir(src: PathBuf, p: ProfileArg, quiet: bool) -> anyhow:
         r.found,
         r.stored,
         r.already,
+        r.skipped.len(),
+        r.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The IMAP password: the first line of --password-file, else $POSTLOG_IMAP_PASSWORD.
+fn imap_password(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the password file {}", f.display()))?;
+        let line = text.lines().next().unwrap_or("");
+        anyhow::ensure!(
+            !line.is_empty(),
+            "the password file {} is empty",
+            f.display()
+        );
+        return Ok(line.to_string());
+    }
+    match std::env::var("POSTLOG_IMAP_PASSWORD") {
+        Ok(p) if !p.is_empty() => Ok(p),
+        _ => anyhow::bail!(
+            "no IMAP password: give --password-file FILE or set POSTLOG_IMAP_PASSWORD"
+        ),
+    }
+}
+
+pub async fn import_imap(a: ImportImapArgs) -> anyhow::Result<ExitCode> {
+    use postlog_client::imap::{ImapOptions, ImapProgress, ImapSource, TlsMode};
+    let profile = load(&a.profile)?;
+    let tls = match a.tls {
+        TlsArg::Implicit => TlsMode::Implicit,
+        TlsArg::Starttls => TlsMode::StartTls,
+        TlsArg::Plain => {
+            anyhow::ensure!(
+                a.insecure_plaintext,
+                "--tls plain sends the password unencrypted; add --insecure-plaintext if \
+                 that is what you want (an IMAP server on loopback)"
+            );
+            TlsMode::Plain
+        }
+    };
+    let mut folder_tags = std::collections::HashMap::new();
+    for ft in &a.folder_tags {
+        let (folder, tag) = ft
+            .rsplit_once('=')
+            .with_context(|| format!("--folder-tag {ft:?}: expected FOLDER=TAG"))?;
+        anyhow::ensure!(
+            postlog_proto::message::valid_tag(tag),
+            "--folder-tag {ft:?}: invalid tag {tag:?}"
+        );
+        folder_tags.insert(folder.to_string(), tag.to_string());
+    }
+    let src = ImapSource {
+        port: a.port.unwrap_or(tls.default_port()),
+        host: a.host,
+        user: a.user,
+        password: imap_password(a.password_file.as_deref())?,
+        tls,
+        ca_file: a.ca_file,
+    };
+    let opts = ImapOptions {
+        folders: a.folders,
+        folder_tags,
+    };
+    let endpoint = Endpoint::new(&profile.login.fingerprint)?;
+    let conn = endpoint.connect(&profile.login).await?;
+    let started = std::time::Instant::now();
+    let progress = Arc::new(ImapProgress::default());
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (p1, p2, d2) = (progress.clone(), progress.clone(), done.clone());
+    let copier = tokio::spawn(async move {
+        loop {
+            d2.store(p2.done.load(Ordering::Relaxed), Ordering::Relaxed);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    let bar = Bar::start(
+        a.quiet,
+        "messages",
+        move || p1.total.load(Ordering::Relaxed),
+        done,
+        || 0,
+    );
+    let result =
+        postlog_client::imap::import_imap(&conn, &profile.dir, &src, &opts, progress).await;
+    bar.finish();
+    copier.abort();
+    conn.close();
+    let r = result?;
+    for (folder, uid, why) in &r.skipped {
+        eprintln!("skipped {folder} UID {uid}: {why}");
+    }
+    if a.quiet {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in r.folders.iter().filter(|f| f.rescanned) {
+        eprintln!(
+            "{}: UIDVALIDITY changed, read again from the start",
+            f.folder
+        );
+    }
+    println!(
+        "{} new in {} folders, {} stored, {} already there ({} tagged), {} skipped, {:.1} MB, {:.2} s",
+        r.found,
+        r.folders.len(),
+        r.stored,
+        r.already,
+        r.tagged,
         r.skipped.len(),
         r.bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
