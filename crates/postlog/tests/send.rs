@@ -1,6 +1,7 @@
 //! Sending end to end: `postlog sendmail` (also through a link named `sendmail`) -> the
 //! server's Send -> its durable relay queue -> a real SMTP relay (aiosmtpd, Debian's
-//! python3-aiosmtpd, tests/support/smtp_relay.py) on loopback. Retries after 4xx and after
+//! python3-aiosmtpd, tests/support/smtp_relay.py) on loopback, with STARTTLS (a private CA
+//! in `ca_file`) and AUTH. Retries after 4xx and after
 //! the relay was down, a bounce for a 5xx recipient, the offline outbox, and kill -9 of the
 //! server while the queue holds mail. Every device sees what was sent, and its state.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -19,22 +20,35 @@ use postlog_proto::BlobHash;
 
 const PYTHON: &str = "/usr/bin/python3";
 
-/// The test relay as a child process.
+/// The test relay as a child process: STARTTLS with a certificate from a private CA, then
+/// AUTH, as a provider's submission port.
 struct Relay {
     port: u16,
     out: PathBuf,
     control: PathBuf,
+    /// (certificate, key) files; the CA's PEM is `ca`.
+    tls: (PathBuf, PathBuf),
+    ca: PathBuf,
     child: Option<Child>,
 }
 
+const RELAY_USER: &str = "ann@example.org";
+const RELAY_PASSWORD: &str = "s3cret+:/x";
+
 impl Relay {
     fn new(dir: &Path) -> Relay {
+        let (ca, cert, key) = common::private_ca();
         let r = Relay {
             port: common::free_tcp_port(),
             out: dir.join("relay-out"),
             control: dir.join("relay-control.json"),
+            tls: (dir.join("relay-cert.pem"), dir.join("relay-key.pem")),
+            ca: dir.join("relay-ca.pem"),
             child: None,
         };
+        std::fs::write(&r.tls.0, cert).unwrap();
+        std::fs::write(&r.tls.1, key).unwrap();
+        std::fs::write(&r.ca, ca).unwrap();
         r.set("{}");
         r
     }
@@ -46,6 +60,9 @@ impl Relay {
             .arg(self.port.to_string())
             .arg(&self.out)
             .arg(&self.control)
+            .arg(&self.tls.0)
+            .arg(&self.tls.1)
+            .args([RELAY_USER, RELAY_PASSWORD])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -209,12 +226,14 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let mut relay = Relay::new(dir.path());
+    // smtp:// = STARTTLS required; the password needs percent-encoding in the URL.
     std::fs::write(
         data.join("postlog.toml"),
         format!(
-            "[relay]\nurl = \"smtp+plain://127.0.0.1:{}\"\nretry_initial = \"200ms\"\n\
-             retry_max = \"500ms\"\n",
-            relay.port
+            "[relay]\nurl = \"smtp://ann%40example.org:s3cret%2B%3A%2Fx@localhost:{}\"\n\
+             ca_file = \"{}\"\nretry_initial = \"200ms\"\nretry_max = \"500ms\"\n",
+            relay.port,
+            relay.ca.display()
         ),
     )
     .unwrap();

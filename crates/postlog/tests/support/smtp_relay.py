@@ -1,7 +1,10 @@
 #!/usr/bin/python3
 """A real SMTP relay for the sending tests (aiosmtpd, Debian's python3-aiosmtpd).
 
-usage: smtp_relay.py PORT OUT_DIR CONTROL_JSON
+usage: smtp_relay.py PORT OUT_DIR CONTROL_JSON [CERT_PEM KEY_PEM USER PASSWORD]
+
+With a certificate, the relay requires STARTTLS and then AUTH (PLAIN or LOGIN) with USER and
+PASSWORD before MAIL, as a provider's submission port does.
 
 Every accepted transaction is written to OUT_DIR/<time>-<pid>-<n>.txt: the MAIL FROM
 address on the first line, the RCPT TO addresses space-separated on the second, then the
@@ -15,7 +18,10 @@ import os
 import sys
 import time
 
+import ssl
+
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 port, out_dir, control_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 os.makedirs(out_dir, exist_ok=True)
@@ -66,7 +72,28 @@ class Relay:
         return "250 2.0.0 queued as %s" % name
 
 
-controller = Controller(Relay(), hostname="127.0.0.1", port=port)
+kwargs = {}
+if len(sys.argv) > 4:
+    cert, key, user, password = sys.argv[4:8]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and auth_data.login.decode() == user
+            and auth_data.password.decode() == password
+        )
+        return AuthResult(success=ok)
+
+    kwargs = dict(
+        tls_context=context,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_required=True,
+        auth_require_tls=True,
+    )
+controller = Controller(Relay(), hostname="127.0.0.1", port=port, **kwargs)
 controller.start()
 print("ready", flush=True)
 try:
