@@ -142,6 +142,15 @@ pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv
                 send.write_all(&reply.to_frame()).await?;
                 Ok(())
             }
+            Request::Delete { hash } => {
+                let appended = append(&conn, NewRecord::Delete { hash }).await?;
+                let reply = Response::Deleted {
+                    offset: appended.offset,
+                    new: appended.new,
+                };
+                send.write_all(&reply.to_frame()).await?;
+                Ok(())
+            }
         }
     }
     .await;

@@ -17,11 +17,13 @@
 mod accounts;
 mod blobs;
 mod db;
+mod scrub;
 mod store;
 mod verify;
 
 pub use accounts::{AccountId, Accounts, DeviceCredentials, DeviceId, DeviceInfo};
 pub use blobs::{BlobWriter, StagedBlob};
+pub use scrub::MessageSummary;
 pub use store::{Appended, Backend, HeadWatcher, NewRecord, Store};
 pub use verify::{VerifyReport, verify};
 

@@ -112,6 +112,34 @@ pub(crate) fn vectors() -> Vec<(&'static str, Vec<u8>)> {
                 new: true,
             }),
         ),
+        ("Request::Delete", req(Request::Delete { hash: h(4) })),
+        (
+            "Response::Deleted",
+            resp(Response::Deleted {
+                offset: 11,
+                new: true,
+            }),
+        ),
+        (
+            "Record::TagSnapshot",
+            Record::TagSnapshot {
+                hash: h(5),
+                tags: vec![(
+                    "flagged".into(),
+                    vec![
+                        crate::tags::Dot {
+                            offset: 3,
+                            device: 0,
+                        },
+                        crate::tags::Dot {
+                            offset: 8,
+                            device: 2,
+                        },
+                    ],
+                )],
+            }
+            .encode(),
+        ),
     ]
 }
 
@@ -273,6 +301,21 @@ fn record() -> impl Strategy<Value = Record> {
                 seq
             }),
         prop::collection::vec(any::<u64>(), 0..50).prop_map(|offsets| Record::Scrub { offsets }),
+        (
+            hash(),
+            prop::collection::vec(
+                (
+                    tag(),
+                    prop::collection::vec(
+                        (any::<u64>(), any::<u64>())
+                            .prop_map(|(offset, device)| crate::tags::Dot { offset, device }),
+                        1..4
+                    )
+                ),
+                0..4
+            )
+        )
+            .prop_map(|(hash, tags)| Record::TagSnapshot { hash, tags }),
     ]
 }
 
@@ -305,6 +348,7 @@ fn request() -> impl Strategy<Value = Request> {
                 seen,
                 seq
             }),
+        hash().prop_map(|hash| Request::Delete { hash }),
     ]
 }
 
@@ -329,6 +373,7 @@ fn response() -> impl Strategy<Value = Response> {
         }),
         any::<u64>().prop_map(|size| Response::Blob { size }),
         (any::<u64>(), any::<bool>()).prop_map(|(offset, new)| Response::Tagged { offset, new }),
+        (any::<u64>(), any::<bool>()).prop_map(|(offset, new)| Response::Deleted { offset, new }),
     ]
 }
 
