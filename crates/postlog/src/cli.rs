@@ -48,6 +48,8 @@ pub enum Command {
     Import(ImportCmd),
     /// Change a message's tags (+TAG adds, -TAG removes), or print its tags (no +/-).
     Tag(TagArgs),
+    /// Delete messages everywhere: on the server and, at their next sync, on every device.
+    Delete(DeleteArgs),
     /// Show server, account, cursor, Head and local message count.
     Status(ProfileArg),
     /// Run a self-contained demonstration on loopback, with timings; needs no setup.
@@ -226,6 +228,18 @@ pub struct TagArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  postlog delete 3f2a...  (64-hex message hashes; Maildir file names start with them)\n\nThe server removes the message and every record about it, and each device removes its\nfile, its tags and its notmuch entry when it next syncs. Sent at once when the server is\nreachable, else queued for the next sync. To delete after a grace period instead, tag the\nmessage `deleted` (postlog tag +deleted HASH): the server's retention rule removes it later."
+)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub profile: ProfileArg,
+    /// Message hashes.
+    #[arg(required = true, num_args = 1.., value_name = "HASH")]
+    pub hashes: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Messages in the generated sample mailbox.
     #[arg(long, default_value_t = 3000)]
@@ -249,6 +263,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => c::import_maildir(src, profile, quiet).await,
         Command::Status(a) => c::status(a).await,
         Command::Tag(a) => c::tag(a).await,
+        Command::Delete(a) => c::delete(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
     }
 }
