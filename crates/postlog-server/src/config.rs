@@ -26,6 +26,66 @@ pub struct ServerConfig {
     pub smtp: SmtpConfig,
     /// What happens to mail that arrives over LMTP, SMTP or `postlog deliver`.
     pub delivery: DeliveryConfig,
+    /// Automatic deletion (retention rules) and compaction of tag histories.
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: the server's own deletions, run by a timer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Seconds between two sweeps over every account.
+    pub interval_secs: u64,
+    /// Rules for every account that has no rules of its own.
+    pub rules: Vec<RetentionRule>,
+    /// Per-account rules (by account name), replacing `rules` for that account; an empty
+    /// list turns retention off for it.
+    pub accounts: std::collections::BTreeMap<String, AccountRetention>,
+    /// A message with more than this many live Tags records gets them replaced by one
+    /// snapshot record (0: never).
+    pub compact_after: usize,
+}
+
+/// Delete messages that have carried `tag` for more than `after_secs` seconds.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    pub tag: String,
+    pub after_secs: u64,
+}
+
+/// `[retention.accounts.NAME]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountRetention {
+    pub rules: Vec<RetentionRule>,
+}
+
+/// 30 days: how long a message tagged `deleted` stays (it can be untagged meanwhile).
+pub const DEFAULT_DELETED_AFTER_SECS: u64 = 30 * 24 * 3600;
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            interval_secs: 3600,
+            rules: vec![RetentionRule {
+                tag: "deleted".into(),
+                after_secs: DEFAULT_DELETED_AFTER_SECS,
+            }],
+            accounts: Default::default(),
+            compact_after: 64,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The rules that apply to an account.
+    pub fn rules_for(&self, account: &str) -> &[RetentionRule] {
+        match self.accounts.get(account) {
+            Some(a) => &a.rules,
+            None => &self.rules,
+        }
+    }
 }
 
 /// `[lmtp]`: TCP and/or Unix-socket LMTP listeners.
@@ -86,6 +146,7 @@ impl Default for ServerConfig {
             lmtp: LmtpConfig::default(),
             smtp: SmtpConfig::default(),
             delivery: DeliveryConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -124,6 +185,18 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # max_recipients = 1000
 # max_connections_per_ip = 20
 # max_connections = 1000
+
+# Retention: the server deletes (everywhere, like `postlog delete`) messages that have
+# carried a tag for longer than `after_secs` (2592000 s = 30 days). A message tagged
+# `deleted` (Maildir flag T) can be untagged until then. Per-account rules replace the
+# default ones; `rules = []` turns retention off for an account. Messages with more than
+# `compact_after` tag changes get their history replaced by one snapshot (0: never).
+# [retention]
+# interval_secs = 3600
+# compact_after = 64
+# rules = [{ tag = "deleted", after_secs = 2592000 }]
+# [retention.accounts.ann]
+# rules = [{ tag = "deleted", after_secs = 604800 }, { tag = "spam", after_secs = 1209600 }]
 "#;
 
 /// Why the configuration could not be loaded.
@@ -184,6 +257,19 @@ impl ServerConfig {
         if d.max_recipients == 0 || d.max_connections_per_ip == 0 || d.max_connections == 0 {
             return Err("delivery: limits must be at least 1".into());
         }
+        let r = &self.retention;
+        if r.interval_secs == 0 {
+            return Err("retention.interval_secs must be at least 1".into());
+        }
+        for rule in r
+            .rules
+            .iter()
+            .chain(r.accounts.values().flat_map(|a| &a.rules))
+        {
+            if !postlog_proto::message::valid_tag(&rule.tag) {
+                return Err(format!("retention: {:?} is not a valid tag", rule.tag));
+            }
+        }
         Ok(())
     }
 
@@ -221,6 +307,12 @@ mod tests {
         );
         assert_eq!(parsed.lmtp.listen, Some("127.0.0.1:2424".parse().unwrap()));
         assert_eq!(parsed.delivery.initial_tags, ["inbox", "unread"]);
+        assert_eq!(
+            parsed.retention.rules,
+            ServerConfig::default().retention.rules
+        );
+        assert_eq!(parsed.retention.rules_for("ann")[1].tag, "spam");
+        assert_eq!(parsed.retention.rules_for("bob")[0].tag, "deleted");
         assert_eq!(
             format!("{:?}", parsed.delivery.max_recipients),
             format!("{:?}", ServerConfig::default().delivery.max_recipients)

@@ -16,6 +16,7 @@
 pub mod config;
 mod handlers;
 pub mod push;
+mod retention;
 mod server;
 mod smtp;
 pub mod tls;

@@ -196,6 +196,7 @@ impl Server {
             ..
         } = self;
         let (stop_mail, stop_rx) = watch::channel(false);
+        let retention = tokio::spawn(crate::retention::run(shared.clone(), stop_rx.clone()));
         let mail = tokio::spawn(crate::smtp::run(shared.clone(), mail, stop_rx));
         tokio::pin!(shutdown);
         loop {
@@ -225,6 +226,7 @@ impl Server {
         endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         let _ = mail.await;
+        let _ = retention.await;
     }
 }
 
