@@ -153,6 +153,15 @@ fn find_local_changes(p: &Profile, progress: &Progress) -> Result<(), SyncError>
     }
     #[cfg(not(feature = "notmuch"))]
     let _ = progress;
+    if p.delete_tagged == crate::DeleteTagged::Now {
+        // A local `deleted` tag (notmuch, Maildir flag T) deletes the message now.
+        let ops = state.pending()?;
+        let tx = state.conn().transaction().map_err(StateError::from)?;
+        for op in ops.iter().filter(|o| o.add.iter().any(|t| t == "deleted")) {
+            State::queue_delete(&tx, &op.hash)?;
+        }
+        tx.commit().map_err(StateError::from)?;
+    }
     Ok(())
 }
 
