@@ -187,10 +187,11 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # max_connections = 1000
 
 # Retention: the server deletes (everywhere, like `postlog delete`) messages that have
-# carried a tag for longer than `after_secs` (2592000 s = 30 days). A message tagged
-# `deleted` (Maildir flag T) can be untagged until then. Per-account rules replace the
-# default ones; `rules = []` turns retention off for an account. Messages with more than
-# `compact_after` tag changes get their history replaced by one snapshot (0: never).
+# carried a tag for longer than `after_secs` seconds (2592000 s is 30 days). A message
+# tagged `deleted` (Maildir flag T) can be untagged until then. Per-account rules replace
+# the default ones; an empty rule list turns retention off for an account. Messages with
+# more than `compact_after` tag changes get their history replaced by one snapshot
+# (0: never). `interval_secs` is the time between two sweeps.
 # [retention]
 # interval_secs = 3600
 # compact_after = 64
