@@ -40,11 +40,12 @@ fn spawn_read(
             let blob = match (&entry.record, inline) {
                 (Record::Store { hash, size, .. }, true) => {
                     bytes += size;
-                    Some(
-                        store
-                            .read_blob(c.account, hash)?
-                            .ok_or(StoreError::CorruptBlob(*hash))?,
-                    )
+                    match store.read_blob(c.account, hash)? {
+                        Some(b) => Some(b),
+                        // Deleted since the log was read: the entry is skipped like the
+                        // scrubbed record it now is, and its Scrub follows.
+                        None => continue,
+                    }
                 }
                 _ => None,
             };

@@ -298,19 +298,27 @@ impl Backend for Store {
     }
 
     fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>> {
-        let held: bool = self.with_reader(|c| {
-            Ok(c.query_row(
-                "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
-                params![account, hash.0.as_slice()],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
-        })?;
-        if !held {
+        let held = || -> Result<bool> {
+            self.with_reader(|c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
+                    params![account, hash.0.as_slice()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+        };
+        if !held()? {
             return Ok(None);
         }
-        blobs::read_verified(&blobs::blob_path(&self.root, account, hash), hash)
+        match blobs::read_verified(&blobs::blob_path(&self.root, account, hash), hash)? {
+            Some(bytes) => Ok(Some(bytes)),
+            // Deleted between the two reads (the writer unlinks after its commit), or
+            // missing although a live record names it: that is damage.
+            None if held()? => Err(StoreError::CorruptBlob(*hash)),
+            None => Ok(None),
+        }
     }
 
     fn device_active(&self, device: DeviceId) -> Result<bool> {
