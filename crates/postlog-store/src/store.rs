@@ -1131,6 +1131,21 @@ mod tests {
         assert_eq!(store.read_blob(a, &m2.hash).unwrap(), None);
         let r = crate::verify(dir.path()).unwrap();
         assert!(r.is_ok(), "{:?}", r.problems);
+        // A crash between a scrub's commit and its unlink leaves the blob file and its
+        // unlink_pending row: verify reports it, the next start removes it.
+        let path = blobs::blob_path(dir.path(), a, &m2.hash);
+        std::fs::write(&path, b"other").unwrap();
+        conn.execute(
+            "INSERT INTO unlink_pending (account_id, hash) VALUES (?1, ?2)",
+            params![a, m2.hash.0.as_slice()],
+        )
+        .unwrap();
+        let r = crate::verify(dir.path()).unwrap();
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!path.exists());
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
         // The refs index is rebuilt from the log for an older data directory.
         drop(store);
         conn.execute_batch("DELETE FROM refs; PRAGMA user_version = 0;")
