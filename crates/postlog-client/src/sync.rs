@@ -436,17 +436,18 @@ fn apply_batch(
     // the same bytes stored again in this batch are written afresh.
     for (hash, name) in removed {
         let Some(name) = name else { continue };
-        if let Some(gone) = maildir.remove(&hash, &name)? {
-            renamed = true;
-            events.push(Touched {
-                hash,
-                name: Some(gone),
-                renamed_from: None,
-                new_file: false,
-                tags: Vec::new(),
-                removed: true,
-            });
-        }
+        let gone = maildir.remove(&hash, &name)?;
+        renamed |= gone.is_some();
+        // Also when the file is already gone: a replay after a crash that removed the
+        // file but not yet the notmuch entry.
+        events.push(Touched {
+            hash,
+            name: Some(gone.unwrap_or(name)),
+            renamed_from: None,
+            new_file: false,
+            tags: Vec::new(),
+            removed: true,
+        });
     }
     for (hash, st) in &touched {
         let tags = view(st.tags(), overlay.get(hash));
