@@ -334,7 +334,10 @@ fn config_to_toml(cfg: &ServerConfig) -> String {
         )
     };
     let mut retention = toml::Table::new();
-    retention.insert("interval_secs".into(), int("interval_secs", r.interval_secs));
+    retention.insert(
+        "interval_secs".into(),
+        int("interval_secs", r.interval_secs),
+    );
     retention.insert(
         "compact_after".into(),
         int("compact_after", r.compact_after as u64),
