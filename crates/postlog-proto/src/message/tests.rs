@@ -188,6 +188,28 @@ fn decoders_reject_malformed_input() {
     }
     .encode();
     assert_eq!(Request::decode(&r), Err(DecodeError::InvalidField("tag")));
+    // A snapshot tag with more dots than MAX_SNAPSHOT_DOTS, with none, or with a dot that
+    // is not a pair.
+    let dot = |offset| crate::tags::Dot { offset, device: 1 };
+    let snap = |dots: Vec<crate::tags::Dot>| {
+        Record::TagSnapshot {
+            hash: h(1),
+            tags: vec![("a".into(), dots)],
+        }
+        .encode()
+    };
+    assert!(Record::decode(&snap((0..MAX_SNAPSHOT_DOTS as u64).map(dot).collect())).is_ok());
+    assert_eq!(
+        Record::decode(&snap((0..=MAX_SNAPSHOT_DOTS as u64).map(dot).collect())),
+        Err(DecodeError::TooLong {
+            what: "snapshot dots"
+        })
+    );
+    assert!(Record::decode(&snap(vec![])).is_err());
+    let mut triple = snap(vec![dot(1)]);
+    let n = triple.len();
+    triple[n - 3] = 0x83; // [1, 1] -> [1, 1, ...]: one element short
+    assert!(Record::decode(&triple).is_err());
     // Too many scrub offsets.
     let r = Record::Scrub {
         offsets: vec![1; MAX_SCRUB_OFFSETS + 1],
