@@ -320,6 +320,38 @@ fn config_to_toml(cfg: &ServerConfig) -> String {
         int("max_connections", d.max_connections as u64),
     );
     t.insert("delivery".into(), delivery.into());
+    let r = &cfg.retention;
+    let rules = |rules: &[postlog_server::config::RetentionRule]| {
+        toml::Value::Array(
+            rules
+                .iter()
+                .map(|rule| {
+                    let mut x = toml::Table::new();
+                    x.insert("tag".into(), rule.tag.clone().into());
+                    x.insert("after_secs".into(), int("after_secs", rule.after_secs));
+                    x.into()
+                })
+                .collect(),
+        )
+    };
+    let mut retention = toml::Table::new();
+    retention.insert(
+        "interval_secs".into(),
+        int("interval_secs", r.interval_secs),
+    );
+    retention.insert(
+        "compact_after".into(),
+        int("compact_after", r.compact_after as u64),
+    );
+    retention.insert("rules".into(), rules(&r.rules));
+    let mut accounts = toml::Table::new();
+    for (name, a) in &r.accounts {
+        let mut x = toml::Table::new();
+        x.insert("rules".into(), rules(&a.rules));
+        accounts.insert(name.clone(), x.into());
+    }
+    retention.insert("accounts".into(), accounts.into());
+    t.insert("retention".into(), retention.into());
     match toml::to_string(&t) {
         Ok(text) => text,
         Err(e) => panic!("cannot write a TOML table of strings and integers: {e}"),

@@ -376,6 +376,18 @@ impl Connection {
         }
     }
 
+    /// Asks the server to delete a message everywhere (idempotent by hash); returns the
+    /// offset of its Scrub record and whether this request appended it (`false`: nothing
+    /// live referred to the message, and the offset is the Head).
+    pub async fn delete(&self, hash: &BlobHash) -> Result<(LogOffset, bool)> {
+        let (mut send, mut recv) = self.request(&Request::Delete { hash: *hash }).await?;
+        let _ = send.finish();
+        match Self::response(&mut recv).await? {
+            Response::Deleted { offset, new } => Ok((offset, new)),
+            other => Err(ClientError::from_response(other)),
+        }
+    }
+
     /// Opens a Log stream from `from`. With `inline_blobs`, Store entries carry the message.
     pub async fn log(&self, from: LogOffset, inline_blobs: bool) -> Result<LogStream> {
         let (send, recv) = self.request(&Request::Log { from, inline_blobs }).await?;

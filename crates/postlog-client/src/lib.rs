@@ -34,4 +34,4 @@ pub mod sync;
 pub use connection::{ClientError, Connection, Endpoint, LogItem, LogStream};
 pub use maildir::hash_of_name;
 pub use maildir::{Maildir, MaildirError, NewMessage};
-pub use profile::{LoginUrl, NOTMUCH_FOLDER, Profile, ProfileError, notmuch_folder};
+pub use profile::{DeleteTagged, LoginUrl, NOTMUCH_FOLDER, Profile, ProfileError, notmuch_folder};

@@ -148,6 +148,25 @@ impl Maildir {
         }
     }
 
+    /// Removes a deleted message's file: at `name`, or wherever a mail reader moved it.
+    /// Returns the name it had, if there was a file. The caller makes it durable
+    /// ([`Maildir::sync_dirs`]).
+    pub fn remove(&self, hash: &BlobHash, name: &str) -> Result<Option<String>> {
+        let found = match self.exists(name) {
+            true => Some(name.to_owned()),
+            // Renamed by a mail reader since the last scan: one listing, only in this case.
+            false => self.scan()?.remove(hash),
+        };
+        if let Some(n) = &found {
+            match std::fs::remove_file(self.root.join(n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(&self.root.join(n))(e)),
+            }
+        }
+        Ok(found)
+    }
+
     /// Makes renames and new files in `cur/` and `new/` durable.
     pub fn sync_dirs(&self) -> Result<()> {
         fsync_dir(&self.root.join("new"))?;

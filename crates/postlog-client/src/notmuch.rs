@@ -448,6 +448,13 @@ impl Notmuch {
     pub fn apply(&mut self, touched: &[Touched]) -> Result<()> {
         for t in touched {
             let Some(name) = &t.name else { continue };
+            if t.removed {
+                // The file is gone; this drops the message (its last file) from the index.
+                self.db
+                    .remove_message(self.maildir.join(name))
+                    .map_err(self.err())?;
+                continue;
+            }
             let reindex = t.new_file || t.renamed_from.is_some();
             let Some(msg) = self.message_of(&t.hash, name, reindex)? else {
                 continue;
@@ -537,6 +544,7 @@ mod tests {
             renamed_from: None,
             new_file: true,
             tags: t(&["inbox", "unread"]),
+            removed: false,
         }])
         .unwrap();
         let (rev, work) = nm.close().unwrap();
@@ -681,6 +689,7 @@ mod tests {
             renamed_from: Some(old.clone()),
             new_file: false,
             tags: t(&["flagged"]),
+            removed: false,
         }])
         .unwrap();
         let (rev, _) = nm.close().unwrap();

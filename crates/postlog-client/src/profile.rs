@@ -114,6 +114,29 @@ struct ProfileFile {
     /// notmuch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     notmuch: Option<PathBuf>,
+    /// What happens to a message this replica tags `deleted` (a notmuch tag, or the Maildir
+    /// flag T): `"retention"` (the default) leaves it to the server's retention rule, which
+    /// deletes it everywhere once it has carried the tag long enough (and it can be
+    /// untagged until then); `"now"` deletes it at the next sync, like `postlog delete`.
+    #[serde(default, skip_serializing_if = "DeleteTagged::is_default")]
+    delete_tagged: DeleteTagged,
+}
+
+/// `delete_tagged` in `profile.toml`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteTagged {
+    /// Left to the server's retention rule.
+    #[default]
+    Retention,
+    /// Deleted at the next sync.
+    Now,
+}
+
+impl DeleteTagged {
+    fn is_default(&self) -> bool {
+        *self == DeleteTagged::Retention
+    }
 }
 
 /// A logged-in client installation: `DIR/profile.toml`, `DIR/secret` (mode 0600),
@@ -126,6 +149,8 @@ pub struct Profile {
     /// The notmuch mail root the Maildir lies in, when synced mail is indexed in notmuch
     /// (needs the `notmuch` feature to sync).
     pub notmuch: Option<PathBuf>,
+    /// What a local `deleted` tag does (`delete_tagged` in `profile.toml`).
+    pub delete_tagged: DeleteTagged,
 }
 
 /// The Maildir of a notmuch profile when none is given: `ROOT/postlog`.
@@ -185,6 +210,7 @@ impl Profile {
             fingerprint: login.fingerprint.clone(),
             maildir: maildir.clone(),
             notmuch: notmuch.clone(),
+            delete_tagged: DeleteTagged::default(),
         };
         let text = toml::to_string(&file).map_err(|e| ProfileError::Corrupt {
             path: dir.to_owned(),
@@ -201,6 +227,7 @@ impl Profile {
             login,
             maildir,
             notmuch,
+            delete_tagged: DeleteTagged::default(),
         })
     }
 
@@ -232,6 +259,7 @@ impl Profile {
             },
             maildir: f.maildir,
             notmuch: f.notmuch,
+            delete_tagged: f.delete_tagged,
         })
     }
 

@@ -54,6 +54,14 @@ CREATE TABLE IF NOT EXISTS pending (
     remove_tags TEXT NOT NULL, seen INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- Which message each applied record (Store, Tags, TagSnapshot) referred to, so that a
+-- Scrub, which carries only offsets, can be applied. store = 1 for a Store record.
+CREATE TABLE IF NOT EXISTS refs (
+    offset INTEGER PRIMARY KEY, hash BLOB NOT NULL, store INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refs_by_hash ON refs (hash);
+-- Messages this replica asked to delete, until the server has answered.
+CREATE TABLE IF NOT EXISTS pending_deletes (hash BLOB PRIMARY KEY) WITHOUT ROWID;
 ";
 
 /// The tags Maildir flags stand for.
@@ -352,6 +360,91 @@ impl State {
             }
         }
         Ok(out)
+    }
+
+    /// Records that the record at `offset` refers to `hash` (`store`: it is its Store).
+    pub fn record_ref(
+        conn: &Connection,
+        offset: LogOffset,
+        hash: &BlobHash,
+        store: bool,
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO refs (offset, hash, store) VALUES (?1, ?2, ?3)
+             ON CONFLICT(offset) DO UPDATE SET hash = excluded.hash, store = excluded.store",
+        )?
+        .execute(params![offset as i64, hash.0.as_slice(), store])?;
+        Ok(())
+    }
+
+    /// A scrubbed offset: forgets it, and returns the message it referred to if it was that
+    /// message's Store record (the message is deleted). `None` for a compacted Tags record
+    /// or an offset this replica never applied.
+    pub fn scrub_ref(conn: &Connection, offset: LogOffset) -> Result<Option<BlobHash>> {
+        let r: Option<(Vec<u8>, bool)> = conn
+            .query_row(
+                "DELETE FROM refs WHERE offset = ?1 RETURNING hash, store",
+                [offset as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let h = match r {
+            Some((h, true)) => Some(h),
+            Some((_, false)) => None,
+            // Applied before this replica kept `refs`: a Store record's initial tags are
+            // the dots of device 0 at its offset.
+            None => conn
+                .query_row(
+                    "SELECT hash FROM dots WHERE offset = ?1 AND device = 0 LIMIT 1",
+                    [offset as i64],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+                .optional()?,
+        };
+        Ok(h.and_then(|h| <[u8; 32]>::try_from(h).ok().map(BlobHash)))
+    }
+
+    /// Forgets every local trace of a deleted message: its name, tag state, record
+    /// references, queued tag changes and queued delete.
+    pub fn forget_message(conn: &Connection, hash: &BlobHash) -> Result<()> {
+        let h = hash.0.as_slice();
+        conn.execute("DELETE FROM messages WHERE hash = ?1", [h])?;
+        conn.execute("DELETE FROM dots WHERE hash = ?1", [h])?;
+        conn.execute("DELETE FROM refs WHERE hash = ?1", [h])?;
+        conn.execute("DELETE FROM pending WHERE hash = ?1", [h])?;
+        conn.execute("DELETE FROM pending_deletes WHERE hash = ?1", [h])?;
+        Ok(())
+    }
+
+    /// Queues a delete durably (sent at the next sync).
+    pub fn queue_delete(conn: &Connection, hash: &BlobHash) -> Result<()> {
+        conn.execute(
+            "INSERT OR IGNORE INTO pending_deletes (hash) VALUES (?1)",
+            [hash.0.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes not yet answered by the server.
+    pub fn pending_deletes(&self) -> Result<Vec<BlobHash>> {
+        let mut stmt = self.conn.prepare("SELECT hash FROM pending_deletes")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for h in rows {
+            if let Ok(h) = <[u8; 32]>::try_from(h?) {
+                out.push(BlobHash(h));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The server answered the delete of `hash`.
+    pub fn delete_done(conn: &Connection, hash: &BlobHash) -> Result<()> {
+        conn.execute(
+            "DELETE FROM pending_deletes WHERE hash = ?1",
+            [hash.0.as_slice()],
+        )?;
+        Ok(())
     }
 
     /// Every message's recorded file name.

@@ -139,6 +139,8 @@ pub struct Touched {
     pub new_file: bool,
     /// The replica's view of its tags after the batch (sorted).
     pub tags: Vec<String>,
+    /// The message was deleted (a Scrub): `name` is the file that was removed.
+    pub removed: bool,
 }
 
 /// Finds local tag changes: Maildir flags changed by mail readers, and (notmuch profiles)
@@ -154,14 +156,25 @@ fn find_local_changes(p: &Profile, progress: &Progress) -> Result<(), SyncError>
     }
     #[cfg(not(feature = "notmuch"))]
     let _ = progress;
+    if p.delete_tagged == crate::DeleteTagged::Now {
+        // A local `deleted` tag (notmuch, Maildir flag T) deletes the message now.
+        let ops = state.pending()?;
+        let tx = state.conn().transaction().map_err(StateError::from)?;
+        for op in ops.iter().filter(|o| o.add.iter().any(|t| t == "deleted")) {
+            State::queue_delete(&tx, &op.hash)?;
+        }
+        tx.commit().map_err(StateError::from)?;
+    }
     Ok(())
 }
 
 /// Sends the outbox (mail `postlog sendmail` queued while offline), then finds local tag
 /// changes (Maildir flags changed by mail readers since the last scan, and tags edited in
-/// notmuch), queues them durably, and sends every queued change to the server. Returns how
-/// many messages and changes were sent. A change for a message the server no longer holds
-/// is dropped; an acknowledged one stays in the replica's view until its record is applied.
+/// notmuch), queues them durably, and sends every queued change to the server, then every
+/// queued delete. Returns how many messages, changes and deletes were sent. A change for a
+/// message the server no longer holds is dropped; an acknowledged one stays in the
+/// replica's view until its record is applied. A deleted message leaves this replica when
+/// its Scrub is applied, like on every other replica.
 pub async fn push_local_changes(
     profile: &Profile,
     conn: &Connection,
@@ -190,13 +203,14 @@ async fn push_tag_changes(
 ) -> Result<usize, SyncError> {
     let p = profile.clone();
     let prog = progress.clone();
-    let pending = tokio::task::spawn_blocking(move || -> Result<_, SyncError> {
+    let (pending, deletes) = tokio::task::spawn_blocking(move || -> Result<_, SyncError> {
         find_local_changes(&p, &prog)?;
-        Ok(State::open(&p.dir)?.pending()?)
+        let state = State::open(&p.dir)?;
+        Ok((state.pending()?, state.pending_deletes()?))
     })
     .await
     .map_err(|e| ClientError::Protocol(format!("scan task: {e}")))??;
-    if pending.is_empty() {
+    if pending.is_empty() && deletes.is_empty() {
         return Ok(0);
     }
     let mut acked = Vec::new();
@@ -228,7 +242,15 @@ async fn push_tag_changes(
             Err(e) => failed = Some(e),
         }
     }
-    let sent = acked.len() + done.len();
+    // Deletes after the tag changes; each is idempotent by hash.
+    let mut deleted = Vec::new();
+    for h in deletes {
+        match conn.delete(&h).await {
+            Ok(_) => deleted.push(h),
+            Err(e) => failed = Some(e),
+        }
+    }
+    let sent = acked.len() + done.len() + deleted.len();
     let p = profile.clone();
     tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
         let mut state = State::open(&p.dir)?;
@@ -242,6 +264,9 @@ async fn push_tag_changes(
         }
         for (seq, offset) in acked {
             State::ack_op(&tx, seq, offset)?;
+        }
+        for h in &deleted {
+            State::delete_done(&tx, h)?;
         }
         // A retry of an operation whose record was applied long ago.
         State::forget_applied(&tx, cursor)?;
@@ -369,11 +394,35 @@ fn apply_batch(
         .map_err(StateError::from)?;
     let mut touched: BTreeMap<BlobHash, TagState> = BTreeMap::new();
     let mut blobs: HashMap<BlobHash, &[u8]> = HashMap::new();
+    // Deleted messages and the file each had.
+    let mut removed: Vec<(BlobHash, Option<String>)> = Vec::new();
     for (entry, blob) in &batch.entries {
-        // Send and Scrub records are applied by later issues (sending, deletion).
-        let (Record::Store { hash, .. } | Record::Tags { hash, .. }) = &entry.record else {
-            continue;
+        let hash = match &entry.record {
+            Record::Scrub { offsets } => {
+                for o in offsets {
+                    // Scrubbed Store record: the message is deleted. Tags records (a
+                    // compaction) need nothing: their snapshot came first.
+                    if let Some(h) = State::scrub_ref(&tx, *o)? {
+                        removed.push((h, State::name_of(&tx, &h)?));
+                        State::forget_message(&tx, &h)?;
+                        touched.remove(&h);
+                        blobs.remove(&h);
+                    }
+                }
+                continue;
+            }
+            // Send records are applied by the sending issue.
+            Record::Send { .. } => continue,
+            Record::Store { hash, .. }
+            | Record::Tags { hash, .. }
+            | Record::TagSnapshot { hash, .. } => hash,
         };
+        State::record_ref(
+            &tx,
+            entry.offset,
+            hash,
+            matches!(entry.record, Record::Store { .. }),
+        )?;
         let st = match touched.entry(*hash) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => v.insert(State::tags_of(&tx, hash)?),
@@ -398,6 +447,7 @@ fn apply_batch(
                     State::forget_op(&tx, *seq)?;
                 }
             }
+            Record::TagSnapshot { tags, .. } => st.apply_snapshot(tags),
             _ => {}
         }
     }
@@ -406,7 +456,24 @@ fn apply_batch(
     let overlay = State::overlay(&tx, batch.cursor)?;
     let mut new_files = Vec::new();
     let mut renamed = false;
-    let mut events = Vec::with_capacity(touched.len());
+    let mut events = Vec::with_capacity(touched.len() + removed.len());
+    // Deleted files go first (durable with the renames, before the state commits), so that
+    // the same bytes stored again in this batch are written afresh.
+    for (hash, name) in removed {
+        let Some(name) = name else { continue };
+        let gone = maildir.remove(&hash, &name)?;
+        renamed |= gone.is_some();
+        // Also when the file is already gone: a replay after a crash that removed the
+        // file but not yet the notmuch entry.
+        events.push(Touched {
+            hash,
+            name: Some(gone.unwrap_or(name)),
+            renamed_from: None,
+            new_file: false,
+            tags: Vec::new(),
+            removed: true,
+        });
+    }
     for (hash, st) in &touched {
         let tags = view(st.tags(), overlay.get(hash));
         let recorded = State::name_of(&tx, hash)?;
@@ -419,6 +486,7 @@ fn apply_batch(
             renamed_from: None,
             new_file: false,
             tags: Vec::new(),
+            removed: false,
         };
         match current {
             Some(current) => {
@@ -450,10 +518,10 @@ fn apply_batch(
         event.tags = tags;
         events.push(event);
     }
-    let added = maildir.write_batch(&new_files)? as u64;
     if renamed {
         maildir.sync_dirs()?;
     }
+    let added = maildir.write_batch(&new_files)? as u64;
     // This batch's own files and renames are no reason for the next scan to list them.
     State::remember_maildir_in(&tx, maildir.root())?;
     after_files(&tx, &events)?;

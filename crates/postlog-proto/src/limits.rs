@@ -16,6 +16,9 @@ pub const MAX_RECIPIENTS: usize = 1000;
 pub const MAX_ADDRESS_LEN: usize = 256;
 /// Most offsets one Scrub record lists.
 pub const MAX_SCRUB_OFFSETS: usize = 4096;
+/// Most dots of one tag in a TagSnapshot record (a message whose tag has more concurrent
+/// adds is not compacted).
+pub const MAX_SNAPSHOT_DOTS: usize = 32;
 /// Longest human-readable error message in an Error response.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 
@@ -23,3 +26,6 @@ pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 // 4096 offsets x 9 bytes are both well under MAX_FRAME_LEN.
 const _: () = assert!((2 * MAX_TAGS * (MAX_TAG_LEN + 3)) < MAX_FRAME_LEN as usize);
 const _: () = assert!(MAX_SCRUB_OFFSETS * 9 + 16 < MAX_FRAME_LEN as usize);
+// A TagSnapshot of MAX_TAGS tags with MAX_SNAPSHOT_DOTS dots of two u64 each.
+const _: () =
+    assert!(MAX_TAGS * (MAX_TAG_LEN + 6 + MAX_SNAPSHOT_DOTS * 19) + 64 < MAX_FRAME_LEN as usize);

@@ -8,6 +8,7 @@ use minicbor::{Decoder, Encoder};
 
 use crate::error::DecodeError;
 use crate::limits::*;
+use crate::tags::Dot;
 use crate::types::{BlobHash, LogOffset};
 
 /// A request: the first frame a client writes on a new bidirectional stream.
@@ -48,6 +49,9 @@ pub enum Request {
         from: String,
         recipients: Vec<String>,
     },
+    /// Delete a message from the account: every live record that refers to it is scrubbed
+    /// (one Scrub record lists them) and its blob is removed. Idempotent by hash.
+    Delete { hash: BlobHash },
 }
 
 /// A response frame written by the server.
@@ -82,6 +86,10 @@ pub enum Response {
         offset: LogOffset,
         new: bool,
     },
+    /// The Delete request is durable. `new`: this request appended the Scrub record at
+    /// `offset`; `false`: nothing live referred to the message (already deleted, or never
+    /// held; indistinguishable), nothing was appended, and `offset` is the Head.
+    Deleted { offset: LogOffset, new: bool },
 }
 
 /// A record of the metadata log, with the server's offset and time of append.
@@ -121,15 +129,23 @@ pub enum Record {
     },
     /// The records at `offsets` were deleted; their contents are gone.
     Scrub { offsets: Vec<LogOffset> },
+    /// A message's whole tag state, replacing its earlier Tags records (compaction): every
+    /// tag with the exact dots it had, so later removes act as they would have on the
+    /// records it replaces. Appended together with the Scrub of those records.
+    TagSnapshot {
+        hash: BlobHash,
+        tags: Vec<(String, Vec<Dot>)>,
+    },
 }
 
 impl Record {
     /// The message a record refers to (none for Scrub).
     pub fn hash(&self) -> Option<BlobHash> {
         match self {
-            Record::Store { hash, .. } | Record::Send { hash, .. } | Record::Tags { hash, .. } => {
-                Some(*hash)
-            }
+            Record::Store { hash, .. }
+            | Record::Send { hash, .. }
+            | Record::Tags { hash, .. }
+            | Record::TagSnapshot { hash, .. } => Some(*hash),
             Record::Scrub { .. } => None,
         }
     }
@@ -213,6 +229,11 @@ impl Request {
                 done(e.str(from));
                 strs(&mut e, recipients);
             }
+            Request::Delete { hash } => done(
+                e.array(2)
+                    .and_then(|e| e.u8(7))
+                    .and_then(|e| e.bytes(&hash.0)),
+            ),
         }
         e.into_writer()
     }
@@ -253,6 +274,7 @@ impl Request {
                 from: r.string("from", MAX_ADDRESS_LEN)?,
                 recipients: r.strings("recipients", MAX_RECIPIENTS, MAX_ADDRESS_LEN)?,
             },
+            7 => Request::Delete { hash: r.hash()? },
             k => {
                 return Err(DecodeError::UnknownKind {
                     what: "request",
@@ -269,7 +291,10 @@ impl Request {
     pub fn is_mutating(&self) -> bool {
         matches!(
             self,
-            Request::Store { .. } | Request::Tag { .. } | Request::Send { .. }
+            Request::Store { .. }
+                | Request::Tag { .. }
+                | Request::Send { .. }
+                | Request::Delete { .. }
         )
     }
 }
@@ -327,6 +352,14 @@ impl Response {
                 );
                 done(e.u64(*offset).and_then(|e| e.bool(*new)));
             }
+            Response::Deleted { offset, new } => {
+                done(
+                    e.array(3)
+                        .and_then(|e| e.u8(9))
+                        .and_then(|e| e.u64(*offset)),
+                );
+                done(e.bool(*new));
+            }
         }
         e.into_writer()
     }
@@ -363,6 +396,10 @@ impl Response {
             },
             8 => Response::Sent {
                 hash: r.hash()?,
+                offset: r.u64()?,
+                new: r.bool()?,
+            },
+            9 => Response::Deleted {
                 offset: r.u64()?,
                 new: r.bool()?,
             },
@@ -451,6 +488,28 @@ impl Record {
                     done(e.u64(*o));
                 }
             }
+            Record::TagSnapshot { hash, tags } => {
+                done(
+                    e.array(3)
+                        .and_then(|e| e.u8(4))
+                        .and_then(|e| e.bytes(&hash.0))
+                        .and_then(|e| e.array(tags.len() as u64)),
+                );
+                for (tag, dots) in tags {
+                    done(
+                        e.array(2)
+                            .and_then(|e| e.str(tag))
+                            .and_then(|e| e.array(dots.len() as u64)),
+                    );
+                    for d in dots {
+                        done(
+                            e.array(2)
+                                .and_then(|e| e.u64(d.offset))
+                                .and_then(|e| e.u64(d.device)),
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -499,6 +558,47 @@ impl Record {
                     offsets.push(r.d.u64()?);
                 }
                 Record::Scrub { offsets }
+            }
+            4 => {
+                let hash = r.hash()?;
+                let n = r.array_len("snapshot tags", MAX_TAGS)?;
+                let mut tags = Vec::with_capacity(n);
+                for _ in 0..n {
+                    if r.d.array()? != Some(2) {
+                        return Err(DecodeError::InvalidField("snapshot tag"));
+                    }
+                    let tag = r.d.str()?;
+                    if !valid_tag(tag) {
+                        return Err(if tag.len() > MAX_TAG_LEN {
+                            DecodeError::TooLong { what: "tags" }
+                        } else {
+                            DecodeError::InvalidField("tag")
+                        });
+                    }
+                    let m =
+                        r.d.array()?
+                            .ok_or(DecodeError::InvalidField("indefinite array"))?;
+                    if m == 0 {
+                        return Err(DecodeError::InvalidField("snapshot tag without dots"));
+                    }
+                    if m > MAX_SNAPSHOT_DOTS as u64 {
+                        return Err(DecodeError::TooLong {
+                            what: "snapshot dots",
+                        });
+                    }
+                    let mut dots = Vec::with_capacity(m as usize);
+                    for _ in 0..m {
+                        if r.d.array()? != Some(2) {
+                            return Err(DecodeError::InvalidField("dot"));
+                        }
+                        dots.push(Dot {
+                            offset: r.d.u64()?,
+                            device: r.d.u64()?,
+                        });
+                    }
+                    tags.push((tag.to_owned(), dots));
+                }
+                Record::TagSnapshot { hash, tags }
             }
             k => {
                 return Err(DecodeError::UnknownKind {

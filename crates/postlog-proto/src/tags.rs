@@ -70,6 +70,38 @@ impl TagState {
         }
     }
 
+    /// Applies a TagSnapshot record: the state becomes exactly the snapshot's dots.
+    ///
+    /// The server builds a snapshot at offset `s` from every live record of the message
+    /// below `s`, so a replica that applied those records already holds these dots (the
+    /// replay is deterministic) and is unchanged, and a replica that skipped them (they are
+    /// scrubbed) gets the same dots. Later removes compare `seen` with the original dot
+    /// offsets, which the snapshot keeps, so they act identically on both.
+    pub fn apply_snapshot(&mut self, tags: &[(String, Vec<Dot>)]) {
+        self.dots.clear();
+        for (t, ds) in tags {
+            if !ds.is_empty() {
+                self.dots
+                    .entry(t.clone())
+                    .or_default()
+                    .extend(ds.iter().copied());
+            }
+        }
+    }
+
+    /// The state as TagSnapshot contents: every set tag with its dots, sorted.
+    pub fn snapshot(&self) -> Vec<(String, Vec<Dot>)> {
+        self.dots
+            .iter()
+            .map(|(t, ds)| (t.clone(), ds.iter().copied().collect()))
+            .collect()
+    }
+
+    /// The most dots any one tag has (a snapshot holds at most `MAX_SNAPSHOT_DOTS`).
+    pub fn max_dots_per_tag(&self) -> usize {
+        self.dots.values().map(BTreeSet::len).max().unwrap_or(0)
+    }
+
     /// The tags that are set, sorted.
     pub fn tags(&self) -> Vec<String> {
         self.dots.keys().cloned().collect()

@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub delivery: DeliveryConfig,
     /// Where sent mail goes: the outbound SMTP relay and its retry policy.
     pub relay: RelayConfig,
+    /// Automatic deletion (retention rules) and compaction of tag histories.
+    pub retention: RetentionConfig,
 }
 
 /// `[relay]`: the SMTP relay that sent mail goes through, and the retry policy.
@@ -63,6 +65,54 @@ impl Default for RelayConfig {
             retry_period: "5d".into(),
             timeout: "60s".into(),
             bounce_tags: vec!["inbox".into(), "unread".into(), "bounce".into()],
+        }
+    }
+}
+
+/// `[retention]`: the server's own deletions, run by a timer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Seconds between two sweeps over every account.
+    pub interval_secs: u64,
+    /// Rules for every account that has no rules of its own.
+    pub rules: Vec<RetentionRule>,
+    /// Per-account rules (by account name), replacing `rules` for that account; an empty
+    /// list turns retention off for it.
+    pub accounts: std::collections::BTreeMap<String, AccountRetention>,
+    /// A message with more than this many live Tags records gets them replaced by one
+    /// snapshot record (0: never).
+    pub compact_after: usize,
+}
+
+/// Delete messages that have carried `tag` for more than `after_secs` seconds.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    pub tag: String,
+    pub after_secs: u64,
+}
+
+/// `[retention.accounts.NAME]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountRetention {
+    pub rules: Vec<RetentionRule>,
+}
+
+/// 30 days: how long a message tagged `deleted` stays (it can be untagged meanwhile).
+pub const DEFAULT_DELETED_AFTER_SECS: u64 = 30 * 24 * 3600;
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            interval_secs: 3600,
+            rules: vec![RetentionRule {
+                tag: "deleted".into(),
+                after_secs: DEFAULT_DELETED_AFTER_SECS,
+            }],
+            accounts: Default::default(),
+            compact_after: 64,
         }
     }
 }
@@ -147,6 +197,16 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_millis(n.saturating_mul(ms)))
 }
 
+impl RetentionConfig {
+    /// The rules that apply to an account.
+    pub fn rules_for(&self, account: &str) -> &[RetentionRule] {
+        match self.accounts.get(account) {
+            Some(a) => &a.rules,
+            None => &self.rules,
+        }
+    }
+}
+
 /// `[lmtp]`: TCP and/or Unix-socket LMTP listeners.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -206,6 +266,7 @@ impl Default for ServerConfig {
             smtp: SmtpConfig::default(),
             delivery: DeliveryConfig::default(),
             relay: RelayConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -257,6 +318,19 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # retry_period = "5d"
 # timeout = "60s"
 # bounce_tags = ["inbox", "unread", "bounce"]
+
+# Retention: the server deletes (everywhere, like `postlog delete`) messages that have
+# carried a tag for longer than `after_secs` seconds (2592000 s is 30 days). A message
+# tagged `deleted` (Maildir flag T) can be untagged until then. Per-account rules replace
+# the default ones; an empty rule list turns retention off for an account. Messages with
+# more than `compact_after` tag changes get their history replaced by one snapshot
+# (0: never). `interval_secs` is the time between two sweeps.
+# [retention]
+# interval_secs = 3600
+# compact_after = 64
+# rules = [{ tag = "deleted", after_secs = 2592000 }]
+# [retention.accounts.ann]
+# rules = [{ tag = "deleted", after_secs = 604800 }, { tag = "spam", after_secs = 1209600 }]
 "#;
 
 /// Why the configuration could not be loaded.
@@ -339,6 +413,19 @@ impl ServerConfig {
         {
             return Err(format!("relay.bounce_tags: {t:?} is not a valid tag"));
         }
+        let r = &self.retention;
+        if r.interval_secs == 0 {
+            return Err("retention.interval_secs must be at least 1".into());
+        }
+        for rule in r
+            .rules
+            .iter()
+            .chain(r.accounts.values().flat_map(|a| &a.rules))
+        {
+            if !postlog_proto::message::valid_tag(&rule.tag) {
+                return Err(format!("retention: {:?} is not a valid tag", rule.tag));
+            }
+        }
         Ok(())
     }
 
@@ -400,6 +487,12 @@ mod tests {
         assert_eq!(parse_duration("5d").unwrap().as_secs(), 432_000);
         assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
         assert!(parse_duration("5").is_err() && parse_duration("5y").is_err());
+        assert_eq!(
+            parsed.retention.rules,
+            ServerConfig::default().retention.rules
+        );
+        assert_eq!(parsed.retention.rules_for("ann")[1].tag, "spam");
+        assert_eq!(parsed.retention.rules_for("bob")[0].tag, "deleted");
         assert_eq!(
             format!("{:?}", parsed.delivery.max_recipients),
             format!("{:?}", ServerConfig::default().delivery.max_recipients)

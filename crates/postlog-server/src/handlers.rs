@@ -40,11 +40,12 @@ fn spawn_read(
             let blob = match (&entry.record, inline) {
                 (Record::Store { hash, size, .. }, true) => {
                     bytes += size;
-                    Some(
-                        store
-                            .read_blob(c.account, hash)?
-                            .ok_or(StoreError::CorruptBlob(*hash))?,
-                    )
+                    match store.read_blob(c.account, hash)? {
+                        Some(b) => Some(b),
+                        // Deleted since the log was read: the entry is skipped like the
+                        // scrubbed record it now is, and its Scrub follows.
+                        None => continue,
+                    }
                 }
                 _ => None,
             };
@@ -141,6 +142,15 @@ pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv
                 };
                 let appended = append(&conn, record).await?;
                 let reply = Response::Tagged {
+                    offset: appended.offset,
+                    new: appended.new,
+                };
+                send.write_all(&reply.to_frame()).await?;
+                Ok(())
+            }
+            Request::Delete { hash } => {
+                let appended = append(&conn, NewRecord::Delete { hash }).await?;
+                let reply = Response::Deleted {
                     offset: appended.offset,
                     new: appended.new,
                 };

@@ -20,6 +20,7 @@ pub mod config;
 mod handlers;
 pub mod push;
 mod relay;
+mod retention;
 mod server;
 mod smtp;
 pub mod tls;

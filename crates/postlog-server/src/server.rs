@@ -217,6 +217,7 @@ impl Server {
             shared.relay_wake.clone(),
             stop_rx.clone(),
         ));
+        let retention = tokio::spawn(crate::retention::run(shared.clone(), stop_rx.clone()));
         let mail = tokio::spawn(crate::smtp::run(shared.clone(), mail, stop_rx));
         tokio::pin!(shutdown);
         loop {
@@ -247,6 +248,7 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         let _ = mail.await;
         let _ = relay.await;
+        let _ = retention.await;
     }
 }
 

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 -- The metadata log. body is the record's CBOR (docs/PROTOCOL.md); checksum is the first
 -- 8 bytes of BLAKE3(account_id LE64 || offset LE64 || body), so a record that is damaged
--- or moved is detected. A scrubbed record keeps its row with kind = 255 and an empty body.
+-- or moved is detected. A scrubbed record keeps its row (and time_ms) with kind = 255 and
+-- an empty body. kind: 0 Store, 1 Send, 2 Tags, 3 Scrub, 4 TagSnapshot.
 CREATE TABLE IF NOT EXISTS log (
     account_id INTEGER NOT NULL,
     offset INTEGER NOT NULL,
@@ -52,6 +53,22 @@ CREATE TABLE IF NOT EXISTS tag_ops (
     offset INTEGER NOT NULL,
     PRIMARY KEY (account_id, device, seq)
 ) WITHOUT ROWID;
+-- Derived from the log: every live record that refers to a message (Store, Send, Tags,
+-- TagSnapshot), so that Delete and compaction find them without a scan. A scrubbed
+-- record's row is deleted with it.
+CREATE TABLE IF NOT EXISTS refs (
+    account_id INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    offset INTEGER NOT NULL,
+    PRIMARY KEY (account_id, hash, offset)
+) WITHOUT ROWID;
+-- Blob files of deleted messages, written in the Scrub's transaction and removed once the
+-- file is unlinked (finished at the next start after a crash).
+CREATE TABLE IF NOT EXISTS unlink_pending (
+    account_id INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (account_id, hash)
+) WITHOUT ROWID;
 ";
 
 pub(crate) fn open(path: &Path) -> Result<Connection> {
@@ -62,6 +79,10 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
     // power loss. (NORMAL, the WAL default, does not.)
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted content (scrubbed records, index rows of deleted messages) is overwritten
+    // with zeros instead of lingering in free space; with a TRUNCATE checkpoint after each
+    // scrub, no trace of a deleted message stays in the database files.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(conn)
 }
 

@@ -12,10 +12,13 @@ use crate::accounts::{self, AccountId, DeviceId};
 use crate::blobs::{self, BlobWriter, StagedBlob};
 use crate::db::{self, KIND_SCRUBBED};
 use crate::relay::{self, QueuedSend, RecipientReport};
+use crate::scrub::{self, MessageSummary};
 use crate::{Result, StoreError, now_ms};
 
 /// Most appends committed in one transaction.
 const MAX_GROUP: usize = 1024;
+/// How soon the writer retries a WAL checkpoint that readers kept from completing.
+const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A record to append.
 #[derive(Debug)]
@@ -49,6 +52,21 @@ pub enum NewRecord {
         reports: Vec<RecipientReport>,
         bounce: Option<(StagedBlob, Vec<String>)>,
     },
+    /// Delete a message: scrub every live record that refers to it (one Scrub record) and
+    /// remove its blob. Idempotent: `new` is false (offset = Head) when nothing live refers
+    /// to it.
+    Delete { hash: BlobHash },
+    /// The retention rule: delete the message if `tag` has been set on it since before
+    /// `set_before_ms` (checked again inside the writer's transaction, so a tag removed
+    /// meanwhile saves it).
+    Expire {
+        hash: BlobHash,
+        tag: String,
+        set_before_ms: u64,
+    },
+    /// Replace the message's Tags records by one TagSnapshot record and scrub them.
+    /// `new` is false when there was nothing to compact.
+    Compact { hash: BlobHash },
 }
 
 /// The outcome of an append.
@@ -98,6 +116,11 @@ pub trait Backend: Send + Sync + 'static {
     fn relay_due(&self, now_ms: u64, max: usize) -> Result<Vec<QueuedSend>>;
     /// When the next queued recipient is due (ms since the Unix epoch), if any is pending.
     fn relay_next_due(&self) -> Result<Option<u64>>;
+    /// Every account, with its name (for per-account policies such as retention).
+    fn accounts(&self) -> Result<Vec<(AccountId, String)>>;
+    /// Every message the account's live records refer to, with its tag state: one pass
+    /// over the account's live records (the retention sweep).
+    fn summaries(&self, account: AccountId) -> Result<Vec<MessageSummary>>;
 }
 
 /// The embedded store rooted at a data directory.
@@ -132,9 +155,14 @@ impl Store {
         {
             let _ = std::fs::remove_file(entry.path());
         }
-        let conn = db::open(&root.join("postlog.db"))?;
+        let mut conn = db::open(&root.join("postlog.db"))?;
         conn.execute_batch(db::SCHEMA)?;
         conn.execute_batch(relay::SCHEMA)?;
+        scrub::backfill_refs(&mut conn)?;
+        // Deletions a crash interrupted after their commit: remove the blobs now.
+        if scrub::finish_pending(&conn, root)? {
+            scrub::checkpoint(&conn);
+        }
         let shared = Arc::new(Shared {
             heads: Mutex::new(HashMap::new()),
             watcher: Mutex::new(None),
@@ -293,19 +321,27 @@ impl Backend for Store {
     }
 
     fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>> {
-        let held: bool = self.with_reader(|c| {
-            Ok(c.query_row(
-                "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
-                params![account, hash.0.as_slice()],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
-        })?;
-        if !held {
+        let held = || -> Result<bool> {
+            self.with_reader(|c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
+                    params![account, hash.0.as_slice()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+        };
+        if !held()? {
             return Ok(None);
         }
-        blobs::read_verified(&blobs::blob_path(&self.root, account, hash), hash)
+        match blobs::read_verified(&blobs::blob_path(&self.root, account, hash), hash)? {
+            Some(bytes) => Ok(Some(bytes)),
+            // Deleted between the two reads (the writer unlinks after its commit), or
+            // missing although a live record names it: that is damage.
+            None if held()? => Err(StoreError::CorruptBlob(*hash)),
+            None => Ok(None),
+        }
     }
 
     fn device_active(&self, device: DeviceId) -> Result<bool> {
@@ -341,6 +377,20 @@ impl Backend for Store {
         self.with_reader(relay::next_due)
     }
 
+    fn accounts(&self) -> Result<Vec<(AccountId, String)>> {
+        self.with_reader(|c| {
+            Ok(
+                c.prepare_cached("SELECT id, name FROM accounts ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?,
+            )
+        })
+    }
+
+    fn summaries(&self, account: AccountId) -> Result<Vec<MessageSummary>> {
+        self.with_reader(|c| scrub::summaries(c, account))
+    }
+
     fn set_head_watcher(&self, watcher: HeadWatcher) {
         if let Ok(mut w) = self.shared.watcher.lock() {
             *w = Some(watcher);
@@ -360,7 +410,24 @@ fn head_from_db(c: &Connection, account: AccountId) -> Result<LogOffset> {
 /// The single writer: takes every waiting append, commits them in one transaction after
 /// making their blobs durable, then answers them all.
 fn writer_loop(mut conn: Connection, root: PathBuf, rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
-    while let Ok(first) = rx.recv() {
+    // A checkpoint after a scrub that readers kept from completing: retried when idle.
+    let mut checkpoint_owed = false;
+    loop {
+        let first = if checkpoint_owed {
+            match rx.recv_timeout(CHECKPOINT_RETRY) {
+                Ok(j) => j,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    checkpoint_owed = !scrub::checkpoint(&conn);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(j) => j,
+                Err(_) => break,
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -375,7 +442,10 @@ fn writer_loop(mut conn: Connection, root: PathBuf, rx: mpsc::Receiver<Job>, sha
             }
             continue;
         }
-        let (dones, results) = commit_group(&mut conn, &root, batch, &shared);
+        let (dones, results, scrubbed) = commit_group(&mut conn, &root, batch, &shared);
+        if scrubbed {
+            checkpoint_owed = !scrub::checkpoint(&conn);
+        }
         let watcher = shared.watcher.lock().ok().and_then(|w| w.clone());
         let mut touched: HashMap<AccountId, LogOffset> = HashMap::new();
         match results {
@@ -414,12 +484,16 @@ fn writer_loop(mut conn: Connection, root: PathBuf, rx: mpsc::Receiver<Job>, sha
 /// message); `Err` when the whole group failed (`true`: fatal, writes stop).
 type GroupResult = std::result::Result<Vec<(AccountId, Result<Appended>)>, (StoreError, bool)>;
 
+/// Commits one group. The third value says whether it scrubbed anything (then the blobs
+/// of deleted messages are already unlinked, and the caller checkpoints the WAL).
 fn commit_group(
     conn: &mut Connection,
     root: &Path,
     batch: Vec<Job>,
     shared: &Shared,
-) -> (Vec<Done>, GroupResult) {
+) -> (Vec<Done>, GroupResult, bool) {
+    let mut unlinks: Vec<(AccountId, BlobHash)> = Vec::new();
+    let mut scrubbed = false;
     let mut dones = Vec::with_capacity(batch.len());
     let mut work = Vec::with_capacity(batch.len());
     for job in batch {
@@ -543,7 +617,9 @@ fn commit_group(
                             )
                             .optional()
                             .map_err(|e| not_fatal(e.into()))?;
-                        let same = body.is_none_or(|b| b == rec.encode());
+                        // A scrubbed row (its message deleted, or the record compacted)
+                        // was this operation: it had its effect.
+                        let same = body.is_none_or(|b| b.is_empty() || b == rec.encode());
                         out.push((
                             account,
                             if same {
@@ -649,7 +725,10 @@ fn commit_group(
                     let mut head = head;
                     let finished =
                         relay::apply_report(&tx, account, &hash, &reports).map_err(not_fatal)?;
-                    if let Some((blob, tags)) = bounce {
+                    // A message deleted while its attempt ran: its bounce (which quotes its
+                    // header) is dropped with it.
+                    let still_held = held(&tx, &placed, account, &hash).map_err(not_fatal)?;
+                    if let Some((blob, tags)) = bounce.filter(|_| still_held) {
                         let bounce_hash = blob.hash;
                         if !held(&tx, &placed, account, &bounce_hash).map_err(not_fatal)? {
                             let size = blob.size;
@@ -693,6 +772,48 @@ fn commit_group(
                         }),
                     ));
                 }
+                NewRecord::Delete { hash } => {
+                    let r = scrub::delete(&tx, account, &hash, head, now, &mut unlinks)
+                        .map_err(not_fatal)?;
+                    placed.remove(&(account, hash));
+                    sent.remove(&(account, hash));
+                    scrubbed |= r.is_some();
+                    out.push((
+                        account,
+                        Ok(scrub_outcome(hash, head, r, &mut heads, account)),
+                    ));
+                }
+                NewRecord::Expire {
+                    hash,
+                    tag,
+                    set_before_ms,
+                } => {
+                    let st = scrub::history(&tx, account, &hash)
+                        .map_err(not_fatal)?
+                        .state();
+                    let since = scrub::tag_set_since(&tx, account, &st, &tag).map_err(not_fatal)?;
+                    let r = if since.is_some_and(|t| t <= set_before_ms) {
+                        placed.remove(&(account, hash));
+                        sent.remove(&(account, hash));
+                        scrub::delete(&tx, account, &hash, head, now, &mut unlinks)
+                            .map_err(not_fatal)?
+                    } else {
+                        None
+                    };
+                    scrubbed |= r.is_some();
+                    out.push((
+                        account,
+                        Ok(scrub_outcome(hash, head, r, &mut heads, account)),
+                    ));
+                }
+                NewRecord::Compact { hash } => {
+                    let r = scrub::compact(&tx, account, &hash, head, now).map_err(not_fatal)?;
+                    scrubbed |= r.is_some();
+                    out.push((
+                        account,
+                        Ok(scrub_outcome(hash, head, r, &mut heads, account)),
+                    ));
+                }
             }
         }
         // Blobs durable before the records that name them: one barrier for the whole group
@@ -706,7 +827,13 @@ fn commit_group(
         }
         Ok(out)
     })();
-    (dones, result)
+    if result.is_ok() {
+        // The records are gone; now their blobs (a crash before this point leaves the
+        // `unlink_pending` rows for the next start).
+        scrub::unlink_deleted(conn, root, &unlinks);
+    }
+    let scrubbed = scrubbed && result.is_ok();
+    (dones, result, scrubbed)
 }
 
 /// Whether the account holds the message (committed, or placed earlier in this group).
@@ -798,7 +925,38 @@ fn server_tags(
 /// The device id of Tags records the server appends on its own (devices count from 1).
 pub const SERVER_DEVICE: DeviceId = 0;
 
-fn insert_record(
+/// The answer to a Delete, Expire or Compact: the offset of the last record it appended
+/// (`new`), or the Head when it appended nothing.
+fn scrub_outcome(
+    hash: BlobHash,
+    head: LogOffset,
+    r: Option<(LogOffset, LogOffset)>,
+    heads: &mut HashMap<AccountId, LogOffset>,
+    account: AccountId,
+) -> Appended {
+    match r {
+        Some((offset, new_head)) => {
+            heads.insert(account, new_head);
+            Appended {
+                hash,
+                offset,
+                new: true,
+            }
+        }
+        None => {
+            heads.insert(account, head);
+            Appended {
+                hash,
+                offset: head,
+                new: false,
+            }
+        }
+    }
+}
+
+/// Inserts a record at `offset`, and its `refs` row when it refers to a message. Every
+/// record goes through here, so the hash -> offsets index stays complete.
+pub(crate) fn insert_record(
     tx: &Connection,
     account: AccountId,
     offset: LogOffset,
@@ -811,6 +969,7 @@ fn insert_record(
         Record::Send { .. } => 1,
         Record::Tags { .. } => 2,
         Record::Scrub { .. } => 3,
+        Record::TagSnapshot { .. } => 4,
     };
     tx.execute(
         "INSERT INTO log (account_id, offset, time_ms, kind, body, checksum)
@@ -824,6 +983,10 @@ fn insert_record(
             db::checksum(account, offset, &body).as_slice()
         ],
     )?;
+    if let Some(hash) = record.hash() {
+        tx.prepare_cached("INSERT INTO refs (account_id, hash, offset) VALUES (?1, ?2, ?3)")?
+            .execute(params![account, hash.0.as_slice(), offset as i64])?;
+    }
     Ok(())
 }
 
@@ -1041,6 +1204,231 @@ mod tests {
         let log = store.read_log(a.account_id, 0, 1000).unwrap();
         assert_eq!(log.len(), 200);
         assert!(log.iter().enumerate().all(|(i, e)| e.offset == i as u64));
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
+    }
+
+    /// Every file under `root`, read whole: the raw bytes a deleted message must be gone
+    /// from.
+    pub(crate) fn find_in_files(root: &Path, needles: &[&[u8]]) -> Vec<String> {
+        let mut hits = Vec::new();
+        let mut dirs = vec![root.to_owned()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let name = p.to_string_lossy().into_owned();
+                if p.is_dir() {
+                    dirs.push(p);
+                    continue;
+                }
+                let bytes = std::fs::read(&p).unwrap();
+                for n in needles {
+                    if name.contains(&*String::from_utf8_lossy(n))
+                        || bytes.windows(n.len()).any(|w| w == *n)
+                    {
+                        hits.push(name.clone());
+                    }
+                }
+            }
+        }
+        hits
+    }
+
+    #[test]
+    fn delete_scrubs_every_trace_and_compaction_keeps_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = crate::Accounts::open(dir.path())
+            .unwrap()
+            .add_device("ann", &[], "laptop")
+            .unwrap()
+            .account_id;
+        let body = b"Subject: x\r\n\r\nunique-body-7f3a9c\r\n";
+        let store_msg = |bytes: &[u8], tags: &[&str]| {
+            let blob = stage(&store, bytes);
+            let tags = tags.iter().map(|t| t.to_string()).collect();
+            store
+                .append_blocking(a, NewRecord::Store { blob, tags })
+                .unwrap()
+        };
+        let tag = |hash: BlobHash, add: &[&str], remove: &[&str], seen, seq| {
+            store.append_blocking(
+                a,
+                NewRecord::Tags {
+                    hash,
+                    add: add.iter().map(|t| t.to_string()).collect(),
+                    remove: remove.iter().map(|t| t.to_string()).collect(),
+                    seen,
+                    device: 7,
+                    seq,
+                },
+            )
+        };
+        let m1 = store_msg(body, &["inbox", "unread"]);
+        let m2 = store_msg(b"other", &["inbox"]);
+        tag(m1.hash, &["flagged"], &["unread"], 1, 1).unwrap();
+        tag(m2.hash, &["a"], &[], 2, 2).unwrap();
+        tag(m2.hash, &["b"], &["inbox"], 3, 3).unwrap();
+        tag(m2.hash, &["c"], &["a"], 3, 4).unwrap();
+        // offsets: 0 m1, 1 m2, 2 tag m1, 3..=5 tags m2
+        let d = store
+            .append_blocking(a, NewRecord::Delete { hash: m1.hash })
+            .unwrap();
+        assert_eq!((d.offset, d.new), (6, true));
+        let again = store
+            .append_blocking(a, NewRecord::Delete { hash: m1.hash })
+            .unwrap();
+        assert_eq!((again.offset, again.new), (7, false), "idempotent");
+        let log = store.read_log(a, 0, 100).unwrap();
+        let offsets: Vec<u64> = log.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, [1, 3, 4, 5, 6]);
+        assert_eq!(
+            log[4].record,
+            Record::Scrub {
+                offsets: vec![0, 2]
+            }
+        );
+        assert_eq!(store.read_blob(a, &m1.hash).unwrap(), None);
+        assert!(matches!(
+            tag(m1.hash, &["x"], &[], 6, 5),
+            Err(StoreError::NoSuchMessage(_))
+        ));
+        // A retry of the scrubbed tag operation is answered as done, not as a conflict.
+        assert!(!tag(m1.hash, &["flagged"], &["unread"], 1, 1).is_ok_and(|r| r.new));
+        let hex = m1.hash.to_hex();
+        let hits = find_in_files(
+            dir.path(),
+            &[&m1.hash.0, hex.as_bytes(), b"unique-body-7f3a9c"],
+        );
+        assert!(hits.is_empty(), "traces of the deleted message in {hits:?}");
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
+
+        // Compaction: one snapshot replaces the three Tags records; same tags.
+        let before = scrub::history(
+            &db::open(&dir.path().join("postlog.db")).unwrap(),
+            a,
+            &m2.hash,
+        )
+        .unwrap()
+        .state();
+        let c = store
+            .append_blocking(a, NewRecord::Compact { hash: m2.hash })
+            .unwrap();
+        assert_eq!((c.offset, c.new), (8, true));
+        let log = store.read_log(a, 7, 100).unwrap();
+        assert!(matches!(log[0].record, Record::TagSnapshot { .. }));
+        assert_eq!(
+            log[1].record,
+            Record::Scrub {
+                offsets: vec![3, 4, 5]
+            }
+        );
+        let conn = db::open(&dir.path().join("postlog.db")).unwrap();
+        let after = scrub::history(&conn, a, &m2.hash).unwrap().state();
+        assert_eq!(after, before);
+        assert_eq!(after.tags(), ["b", "c"]);
+        assert!(
+            !store
+                .append_blocking(a, NewRecord::Compact { hash: m2.hash })
+                .unwrap()
+                .new,
+            "one snapshot is already compact"
+        );
+        // The same bytes stored again come back as a new message.
+        let back = store_msg(body, &["inbox"]);
+        assert_eq!((back.hash, back.offset, back.new), (m1.hash, 9, true));
+        assert_eq!(
+            store.read_blob(a, &m1.hash).unwrap().as_deref(),
+            Some(&body[..])
+        );
+        // Retention: `b` was set just now, so an older cutoff keeps the message, a later
+        // one deletes it.
+        let keep = store
+            .append_blocking(
+                a,
+                NewRecord::Expire {
+                    hash: m2.hash,
+                    tag: "b".into(),
+                    set_before_ms: 1,
+                },
+            )
+            .unwrap();
+        assert!(!keep.new);
+        let gone = store
+            .append_blocking(
+                a,
+                NewRecord::Expire {
+                    hash: m2.hash,
+                    tag: "b".into(),
+                    set_before_ms: u64::MAX,
+                },
+            )
+            .unwrap();
+        assert!(gone.new);
+        assert_eq!(store.read_blob(a, &m2.hash).unwrap(), None);
+        let r = crate::verify(dir.path()).unwrap();
+        assert!(r.is_ok(), "{:?}", r.problems);
+        // A crash between a scrub's commit and its unlink leaves the blob file and its
+        // unlink_pending row: verify reports it, the next start removes it.
+        let path = blobs::blob_path(dir.path(), a, &m2.hash);
+        std::fs::write(&path, b"other").unwrap();
+        conn.execute(
+            "INSERT INTO unlink_pending (account_id, hash) VALUES (?1, ?2)",
+            params![a, m2.hash.0.as_slice()],
+        )
+        .unwrap();
+        let r = crate::verify(dir.path()).unwrap();
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!path.exists());
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
+        // The refs index is rebuilt from the log for an older data directory.
+        drop(store);
+        conn.execute_batch("DELETE FROM refs; PRAGMA user_version = 0;")
+            .unwrap();
+        drop(conn);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(crate::verify(dir.path()).unwrap().is_ok());
+        drop(store);
+    }
+
+    /// Deleted keys do not survive in interior B-tree pages: SQLite's index B-trees (and
+    /// WITHOUT ROWID tables) keep real entries in interior cells, and deleting one replaces
+    /// the cell, which `secure_delete` zeroes. Enough messages for interior pages.
+    #[test]
+    fn deleted_hashes_leave_no_trace_in_large_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = crate::Accounts::open(dir.path())
+            .unwrap()
+            .add_device("ann", &[], "laptop")
+            .unwrap()
+            .account_id;
+        // Enough messages for the blobs and refs indexes to need interior pages.
+        let hashes: Vec<BlobHash> = (0..600)
+            .map(|i| {
+                let blob = stage(&store, format!("message {i}").as_bytes());
+                store
+                    .append_blocking(a, NewRecord::Store { blob, tags: vec![] })
+                    .unwrap()
+                    .hash
+            })
+            .collect();
+        let deleted: Vec<BlobHash> = hashes.iter().step_by(2).copied().collect();
+        for h in &deleted {
+            assert!(
+                store
+                    .append_blocking(a, NewRecord::Delete { hash: *h })
+                    .unwrap()
+                    .new
+            );
+        }
+        let needles: Vec<&[u8]> = deleted.iter().map(|h| &h.0[..]).collect();
+        let hits = find_in_files(dir.path(), &needles);
+        assert!(hits.is_empty(), "deleted hashes found in {hits:?}");
+        // The live ones are still there (the search finds what it looks for).
+        let live: Vec<&[u8]> = hashes.iter().skip(1).step_by(2).map(|h| &h.0[..]).collect();
+        assert!(!find_in_files(dir.path(), &live).is_empty());
         assert!(crate::verify(dir.path()).unwrap().is_ok());
     }
 }

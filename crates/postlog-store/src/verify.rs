@@ -56,6 +56,7 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
         )?;
         let mut rows = stmt.query([id])?;
         let mut expect = 0u64;
+        let mut live_refs = 0u64;
         while let Some(row) = rows.next()? {
             let offset = row.get::<_, i64>(0)? as u64;
             let kind: i64 = row.get(1)?;
@@ -86,12 +87,110 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
                     continue;
                 }
             };
-            if let Record::Store { hash, size, .. } = record {
-                check_blob(&conn, root, id, offset, &hash, size, &mut report, &name)?;
+            if let Some(hash) = record.hash() {
+                live_refs += 1;
+                let indexed = rusqlite::OptionalExtension::optional(conn.query_row(
+                    "SELECT 1 FROM refs WHERE account_id = ?1 AND hash = ?2 AND offset = ?3",
+                    rusqlite::params![id, hash.0.as_slice(), offset as i64],
+                    |_| Ok(()),
+                ))?;
+                if indexed.is_none() {
+                    problem(format!("message {hash} is missing from the refs index"));
+                }
+            }
+            match record {
+                Record::Store { hash, size, .. } => {
+                    check_blob(&conn, root, id, offset, &hash, size, &mut report, &name)?;
+                }
+                Record::Send { hash, .. }
+                | Record::Tags { hash, .. }
+                | Record::TagSnapshot { hash, .. } => {
+                    // A live record whose message was deleted (its Store scrubbed).
+                    let held: Option<i64> = rusqlite::OptionalExtension::optional(conn.query_row(
+                        "SELECT offset FROM blobs WHERE account_id = ?1 AND hash = ?2",
+                        rusqlite::params![id, hash.0.as_slice()],
+                        |r| r.get(0),
+                    ))?;
+                    if held.is_none() {
+                        problem(format!("live record of message {hash}, which has no blob"));
+                    }
+                }
+                Record::Scrub { .. } => {}
             }
         }
+        check_deletions(&conn, root, id, &name, live_refs, &mut report)?;
     }
     Ok(report)
+}
+
+/// The indexes agree with the live records: every `blobs` row names a live Store record of
+/// its message (so no blob is held for scrubbed records only), `refs` has exactly one row
+/// per live record that names a message, and no deleted message's blob is still on disk.
+fn check_deletions(
+    conn: &rusqlite::Connection,
+    root: &Path,
+    account: i64,
+    name: &str,
+    live_refs: u64,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let mut stmt = conn.prepare(
+        "SELECT b.hash, b.offset, l.kind, l.body FROM blobs b
+         LEFT JOIN log l ON l.account_id = b.account_id AND l.offset = b.offset
+         WHERE b.account_id = ?1",
+    )?;
+    let mut rows = stmt.query([account])?;
+    while let Some(row) = rows.next()? {
+        let hash: Vec<u8> = row.get(0)?;
+        let offset: i64 = row.get(1)?;
+        let kind: Option<i64> = row.get(2)?;
+        let body: Option<Vec<u8>> = row.get(3)?;
+        let names_it = kind.is_some_and(|k| k != KIND_SCRUBBED)
+            && body
+                .and_then(|b| Record::decode(&b).ok())
+                .and_then(|r| match r {
+                    Record::Store { hash, .. } => Some(hash.0.to_vec()),
+                    _ => None,
+                })
+                .is_some_and(|h| h == hash);
+        if !names_it {
+            report.problems.push(format!(
+                "account {name}: a blob is indexed at offset {offset}, which holds no live \
+                 Store record of it (referenced by a scrubbed record only)"
+            ));
+        }
+    }
+    let refs: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM refs WHERE account_id = ?1",
+        [account],
+        |r| r.get(0),
+    )?;
+    if refs as u64 != live_refs {
+        report.problems.push(format!(
+            "account {name}: the refs index has {refs} rows for {live_refs} live records"
+        ));
+    }
+    let mut stmt = conn.prepare("SELECT hash FROM unlink_pending WHERE account_id = ?1")?;
+    let mut rows = stmt.query([account])?;
+    while let Some(row) = rows.next()? {
+        let hash: Vec<u8> = row.get(0)?;
+        let Ok(hash) = <[u8; 32]>::try_from(hash) else {
+            continue;
+        };
+        let hash = BlobHash(hash);
+        let indexed = rusqlite::OptionalExtension::optional(conn.query_row(
+            "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
+            rusqlite::params![account, hash.0.as_slice()],
+            |_| Ok(()),
+        ))?;
+        if indexed.is_none() && blob_path(root, account, &hash).exists() {
+            report.problems.push(format!(
+                "account {name}: the blob of a deleted message is still on disk (the \
+                 server removes it at its next start)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

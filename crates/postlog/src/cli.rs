@@ -48,6 +48,8 @@ pub enum Command {
     Import(ImportCmd),
     /// Change a message's tags (+TAG adds, -TAG removes), or print its tags (no +/-).
     Tag(TagArgs),
+    /// Delete messages everywhere: on the server and, at their next sync, on every device.
+    Delete(DeleteArgs),
     /// Show server, account, cursor, Head and local message count.
     Status(ProfileArg),
     /// Send one message from stdin, as sendmail(8) does (also runs when postlog is invoked
@@ -306,6 +308,18 @@ pub struct SendmailArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  postlog delete 3f2a...  (64-hex message hashes; Maildir file names start with them)\n\nThe server removes the message and every record about it, and each device removes its\nfile, its tags and its notmuch entry when it next syncs. Sent at once when the server is\nreachable, else queued for the next sync. To delete after a grace period instead, tag the\nmessage `deleted` (postlog tag +deleted HASH): the server's retention rule removes it later."
+)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub profile: ProfileArg,
+    /// Message hashes.
+    #[arg(required = true, num_args = 1.., value_name = "HASH")]
+    pub hashes: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Messages in the generated sample mailbox.
     #[arg(long, default_value_t = 3000)]
@@ -330,6 +344,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Import(ImportCmd::Imap(a)) => c::import_imap(a).await,
         Command::Status(a) => c::status(a).await,
         Command::Tag(a) => c::tag(a).await,
+        Command::Delete(a) => c::delete(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Sendmail(a) => Ok(crate::sendmail::run(a.args).await),
     }

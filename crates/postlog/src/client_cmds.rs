@@ -9,7 +9,7 @@ use anyhow::Context;
 use postlog_client::sync::{self, Progress};
 use postlog_client::{ClientError, Endpoint, LoginUrl, Maildir, Profile};
 
-use crate::cli::{ImportImapArgs, LoginArgs, ProfileArg, SyncArgs, TagArgs, TlsArg};
+use crate::cli::{DeleteArgs, ImportImapArgs, LoginArgs, ProfileArg, SyncArgs, TagArgs, TlsArg};
 use crate::progress::Bar;
 
 fn load(p: &ProfileArg) -> anyhow::Result<Profile> {
@@ -390,6 +390,38 @@ pub async fn tag(a: TagArgs) -> anyhow::Result<ExitCode> {
         Err(e) if e.is_retryable() => {
             eprintln!(
                 "queued; the server is not reachable ({e}), so the change is sent at the next sync"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `postlog delete`: queues the deletes durably, then syncs (which sends them and applies
+/// the resulting Scrub records); offline, they stay queued for the next sync.
+pub async fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
+    use postlog_client::state::State;
+    use postlog_proto::BlobHash;
+    let profile = load(&a.profile)?;
+    let hashes = a
+        .hashes
+        .iter()
+        .map(|h| h.parse::<BlobHash>().with_context(|| format!("{h:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    {
+        let mut state = State::open(&profile.dir)?;
+        let tx = state.conn().transaction()?;
+        for h in &hashes {
+            State::queue_delete(&tx, h)?;
+        }
+        tx.commit()?;
+    }
+    let endpoint = Endpoint::new(&profile.login.fingerprint)?;
+    match sync::sync_once(&profile, &endpoint, Arc::new(Progress::default())).await {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is_retryable() => {
+            eprintln!(
+                "queued; the server is not reachable ({e}), so the delete is sent at the next sync"
             );
             Ok(ExitCode::SUCCESS)
         }

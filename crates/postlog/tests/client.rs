@@ -166,6 +166,15 @@ async fn import_sync_and_watch_end_to_end() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    // A delete is pushed the same way: the watching replica removes the file.
+    let gone = BlobHash::of(&common::message(9000, 1000));
+    assert!(conn.delete(&gone).await.unwrap().1);
+    want.remove(&gone);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mail.join("new").join(gone.to_hex()).exists() {
+        assert!(Instant::now() < deadline, "the deleted message stayed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &watch.id().to_string()])
         .status();

@@ -346,6 +346,41 @@ async fn notmuch_tags_sync_both_ways_and_converge_offline() {
             && out.contains("notmuch: 0 messages read, 0 written"),
         "{out}"
     );
+
+    // Deletion: tagged `deleted` in notmuch, a message is left to the server's retention
+    // rule (30 days by default); a delete from B removes message 0 from notmuch and A's
+    // Maildir; with `delete_tagged = "now"`, tagging `deleted` deletes at the next sync.
+    nm.tag(&["+deleted"], 8);
+    cli(&["sync", "--profile", p(&a)]);
+    cli(&["sync", "--profile", p(&b)]);
+    assert_eq!(nm.count("id:8.test@example.org"), 1);
+    assert!(tags(&b, &hashes[8]).contains("deleted"));
+    cli(&["delete", "--profile", p(&b), &hashes[0].to_hex()]);
+    cli(&["sync", "--profile", p(&a)]);
+    assert_eq!(nm.count("id:0.test@example.org"), 0);
+    assert_eq!(nm.count("path:postlog/**"), 9);
+    let toml = a.join("profile.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("{text}delete_tagged = \"now\"\n")).unwrap();
+    nm.tag(&["+deleted"], 1);
+    cli(&["sync", "--profile", p(&a)]);
+    assert_eq!(nm.count("id:1.test@example.org"), 0);
+    cli(&["sync", "--profile", p(&b)]);
+    for h in [&hashes[0], &hashes[1]] {
+        assert!(
+            !std::fs::read_dir(mb.join("cur"))
+                .unwrap()
+                .chain(std::fs::read_dir(mb.join("new")).unwrap())
+                .any(|e| e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&h.to_hex())),
+            "B still has {h}"
+        );
+    }
+    let (status, out, err) = common::run_cli(&["verify", "--data", p(&s.data)], &[]);
+    assert!(status.success(), "{out}{err}");
     s.server.terminate();
 }
 

@@ -444,5 +444,17 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
         text.contains("multipart/report") && !text.contains("bob@example.net>:"),
         "{text}"
     );
+
+    // 8. Deleting a sent message takes its Send record and queue rows with it: nothing of
+    // it stays in the server's data directory, and verify passes.
+    let h = sent[1].1;
+    cli(&["delete", "--profile", pa.to_str().unwrap(), &h.to_hex()]);
     server.terminate();
+    let hits = common::traces(&data, &[&h.0, h.to_hex().as_bytes()]);
+    assert!(
+        hits.is_empty(),
+        "the deleted sent message left traces in {hits:?}"
+    );
+    let (status, out, err) = common::run_cli(&["verify", "--data", data.to_str().unwrap()], &[]);
+    assert!(status.success(), "verify: {out}{err}");
 }

@@ -128,6 +128,34 @@ pub(crate) fn vectors() -> Vec<(&'static str, Vec<u8>)> {
                 new: true,
             }),
         ),
+        ("Request::Delete", req(Request::Delete { hash: h(4) })),
+        (
+            "Response::Deleted",
+            resp(Response::Deleted {
+                offset: 11,
+                new: true,
+            }),
+        ),
+        (
+            "Record::TagSnapshot",
+            Record::TagSnapshot {
+                hash: h(5),
+                tags: vec![(
+                    "flagged".into(),
+                    vec![
+                        crate::tags::Dot {
+                            offset: 3,
+                            device: 0,
+                        },
+                        crate::tags::Dot {
+                            offset: 8,
+                            device: 2,
+                        },
+                    ],
+                )],
+            }
+            .encode(),
+        ),
     ]
 }
 
@@ -176,6 +204,28 @@ fn decoders_reject_malformed_input() {
     }
     .encode();
     assert_eq!(Request::decode(&r), Err(DecodeError::InvalidField("tag")));
+    // A snapshot tag with more dots than MAX_SNAPSHOT_DOTS, with none, or with a dot that
+    // is not a pair.
+    let dot = |offset| crate::tags::Dot { offset, device: 1 };
+    let snap = |dots: Vec<crate::tags::Dot>| {
+        Record::TagSnapshot {
+            hash: h(1),
+            tags: vec![("a".into(), dots)],
+        }
+        .encode()
+    };
+    assert!(Record::decode(&snap((0..MAX_SNAPSHOT_DOTS as u64).map(dot).collect())).is_ok());
+    assert_eq!(
+        Record::decode(&snap((0..=MAX_SNAPSHOT_DOTS as u64).map(dot).collect())),
+        Err(DecodeError::TooLong {
+            what: "snapshot dots"
+        })
+    );
+    assert!(Record::decode(&snap(vec![])).is_err());
+    let mut triple = snap(vec![dot(1)]);
+    let n = triple.len();
+    triple[n - 3] = 0x83; // [1, 1] -> [1, 1, ...]: one element short
+    assert!(Record::decode(&triple).is_err());
     // Too many scrub offsets.
     let r = Record::Scrub {
         offsets: vec![1; MAX_SCRUB_OFFSETS + 1],
@@ -289,6 +339,21 @@ fn record() -> impl Strategy<Value = Record> {
                 seq
             }),
         prop::collection::vec(any::<u64>(), 0..50).prop_map(|offsets| Record::Scrub { offsets }),
+        (
+            hash(),
+            prop::collection::vec(
+                (
+                    tag(),
+                    prop::collection::vec(
+                        (any::<u64>(), any::<u64>())
+                            .prop_map(|(offset, device)| crate::tags::Dot { offset, device }),
+                        1..4
+                    )
+                ),
+                0..4
+            )
+        )
+            .prop_map(|(hash, tags)| Record::TagSnapshot { hash, tags }),
     ]
 }
 
@@ -331,6 +396,7 @@ fn request() -> impl Strategy<Value = Request> {
                 from,
                 recipients
             }),
+        hash().prop_map(|hash| Request::Delete { hash }),
     ]
 }
 
@@ -360,6 +426,7 @@ fn response() -> impl Strategy<Value = Response> {
             offset,
             new
         }),
+        (any::<u64>(), any::<bool>()).prop_map(|(offset, new)| Response::Deleted { offset, new }),
     ]
 }
 

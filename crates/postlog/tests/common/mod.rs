@@ -232,3 +232,27 @@ pub fn private_ca() -> (String, String, String) {
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
+
+/// Every file under `root` whose name or bytes contain one of `needles`.
+pub fn traces(root: &Path, needles: &[&[u8]]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            let name = path.to_string_lossy().into_owned();
+            if needles.iter().any(|n| {
+                name.contains(&*String::from_utf8_lossy(n))
+                    || bytes.windows(n.len()).any(|w| w == *n)
+            }) {
+                hits.push(path);
+            }
+        }
+    }
+    hits
+}
