@@ -394,7 +394,42 @@ CREATE TABLE IF NOT EXISTS imap_folders (
     uidvalidity INTEGER NOT NULL, last_uid INTEGER NOT NULL,
     PRIMARY KEY (source, folder)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS imap_known (hash BLOB PRIMARY KEY, tags TEXT NOT NULL) WITHOUT ROWID;
 ";
+
+/// The tags this profile's importer knows a message has on the server (it stored it with
+/// them, or a Tag request of it added them); empty when it never saw the message.
+fn known_tags(conn: &rusqlite::Connection, hash: &BlobHash) -> Result<Vec<String>, ImapError> {
+    let tags: Option<String> = conn
+        .query_row(
+            "SELECT tags FROM imap_known WHERE hash = ?1",
+            [hash.0.as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(tags
+        .map(|t| t.split('\n').map(str::to_string).collect())
+        .unwrap_or_default())
+}
+
+fn add_known(
+    conn: &rusqlite::Connection,
+    hash: &BlobHash,
+    tags: &[String],
+) -> Result<(), ImapError> {
+    let mut all = known_tags(conn, hash)?;
+    for t in tags {
+        if !all.contains(t) {
+            all.push(t.clone());
+        }
+    }
+    conn.execute(
+        "INSERT INTO imap_known (hash, tags) VALUES (?1, ?2)
+         ON CONFLICT(hash) DO UPDATE SET tags = excluded.tags",
+        params![hash.0.as_slice(), all.join("\n")],
+    )?;
+    Ok(())
+}
 
 /// A folder's checkpoint: (UIDVALIDITY, highest UID acknowledged).
 pub fn checkpoint(
@@ -446,12 +481,14 @@ enum Done {
         bytes: u64,
         hash: BlobHash,
         offset: LogOffset,
-        /// Tags to add if the server already had the message.
-        extra: Vec<String>,
+        /// The initial tags sent.
+        tags: Vec<String>,
     },
     Tagged {
         batch: u64,
         seq: u64,
+        hash: BlobHash,
+        added: Vec<String>,
         result: Result<LogOffset, ClientError>,
     },
     Skipped {
@@ -479,6 +516,9 @@ struct Batch {
     last_uid: u32,
     fetched: bool,
     in_flight: usize,
+    /// Tags acknowledged on the server for messages of this batch, recorded in
+    /// `imap_known` with the checkpoint.
+    known: Vec<(BlobHash, Vec<String>)>,
 }
 
 /// Copies the chosen folders' new messages into the account behind `conn`; `profile_dir`
@@ -626,6 +666,7 @@ async fn run(
                 last_uid: chunk[chunk.len() - 1],
                 fetched: false,
                 in_flight: 0,
+                known: Vec::new(),
             });
             let set = uid_set(chunk);
             let mut fetches = session.uid_fetch(&set, "(UID FLAGS BODY.PEEK[])").await?;
@@ -742,8 +783,7 @@ async fn store(conn: &Connection, batch: u64, uid: u32, body: Vec<u8>, tags: Vec
             bytes: body.len() as u64,
             hash,
             offset,
-            // Never `unread` on a message already there: its first copy decided that.
-            extra: tags.into_iter().filter(|t| t != "unread").collect(),
+            tags,
         },
         Err(ClientError::Server {
             code: Some(c),
@@ -775,39 +815,50 @@ async fn handle(
     let (held, done) = joined.map_err(|e| ImapError::Imap(format!("store task: {e}")))?;
     flight.bytes -= held;
     let batches = &mut flight.batches;
-    let finish = |batches: &mut VecDeque<Batch>, id: u64| {
-        if let Some(b) = batches.iter_mut().find(|b| b.id == id) {
-            b.in_flight -= 1;
-        }
-    };
+    // Marks one request of batch `id` done; `known`: tags now acknowledged for a message.
+    let finish =
+        |batches: &mut VecDeque<Batch>, id: u64, known: Option<(BlobHash, Vec<String>)>| {
+            if let Some(b) = batches.iter_mut().find(|b| b.id == id) {
+                b.in_flight -= 1;
+                b.known.extend(known);
+            }
+        };
     match done {
         Done::Stored {
             batch,
             new: true,
             bytes,
+            hash,
+            tags,
             ..
         } => {
             report.stored += 1;
             report.bytes += bytes;
             progress.done.fetch_add(1, Ordering::Relaxed);
-            finish(batches, batch);
+            finish(batches, batch, Some((hash, tags)));
         }
         Done::Stored {
             batch,
             new: false,
             hash,
             offset,
-            mut extra,
+            tags,
             ..
         } => {
             report.already += 1;
             progress.done.fetch_add(1, Ordering::Relaxed);
-            // Tags this replica already shows for it (when the profile is synced) need no
-            // request: a folder read again after a UIDVALIDITY change costs no Tag records.
+            // Never `unread` on a message already there: its first copy decided that. Tags
+            // the importer added before (a resumed run, a folder read again after a
+            // UIDVALIDITY change) or that the synced replica shows need no request, and a
+            // tag removed in Postlog since is not added back.
+            let known = known_tags(state.conn(), &hash)?;
             let have = State::tags_of(state.conn(), &hash)?.tags();
-            extra.retain(|t| !have.contains(t));
+            let extra: Vec<String> = tags
+                .into_iter()
+                .filter(|t| t != "unread" && !known.contains(t) && !have.contains(t))
+                .collect();
             if extra.is_empty() {
-                finish(batches, batch);
+                finish(batches, batch, None);
             } else {
                 // Queued durably first (a crash leaves it for the next `postlog sync` to
                 // send), with a sequence number of this device that no other op uses.
@@ -823,18 +874,29 @@ async fn handle(
                         .tag(&hash, &extra, &[], offset, seq)
                         .await
                         .map(|(o, _)| o);
-                    (0, Done::Tagged { batch, seq, result })
+                    (
+                        0,
+                        Done::Tagged {
+                            batch,
+                            seq,
+                            hash,
+                            added: extra,
+                            result,
+                        },
+                    )
                 });
             }
         }
         Done::Tagged {
             batch,
             seq,
+            hash,
+            added,
             result: Ok(offset),
         } => {
             State::ack_op(state.conn(), seq, offset)?;
             report.tagged += 1;
-            finish(batches, batch);
+            finish(batches, batch, Some((hash, added)));
         }
         Done::Tagged { result: Err(e), .. } => return Ok(Some(e.into())),
         Done::Skipped { batch, uid, why } => {
@@ -846,7 +908,7 @@ async fn handle(
                 .unwrap_or_default();
             report.skipped.push((folder, uid, why));
             progress.done.fetch_add(1, Ordering::Relaxed);
-            finish(batches, batch);
+            finish(batches, batch, None);
         }
         Done::Failed(e) => return Ok(Some(e.into())),
     }
@@ -862,17 +924,23 @@ fn advance(
     folders: &[Folder],
 ) -> Result<(), ImapError> {
     let mut last: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut known = Vec::new();
     while let Some(b) = batches.front() {
         if !b.fetched || b.in_flight > 0 {
             break;
         }
         last.insert(b.folder, b.last_uid);
-        batches.pop_front();
+        if let Some(mut b) = batches.pop_front() {
+            known.append(&mut b.known);
+        }
     }
     if last.is_empty() {
         return Ok(());
     }
     let tx = state.conn().transaction()?;
+    for (hash, tags) in &known {
+        add_known(&tx, hash, tags)?;
+    }
     for (fi, uid) in last {
         let f = &folders[fi];
         set_checkpoint(&tx, key, &f.name, f.uidvalidity, uid)?;
@@ -936,6 +1004,7 @@ mod tests {
             last_uid,
             fetched,
             in_flight,
+            known: vec![(BlobHash([id as u8; 32]), vec![format!("t{id}")])],
         };
         let mut q: VecDeque<Batch> = [
             batch(0, 0, 256, true, 1),
@@ -957,5 +1026,11 @@ mod tests {
         advance(&mut q, &mut state, "k", &folders).unwrap();
         assert_eq!(at(&mut state, "Archive"), Some((9, 50)));
         assert!(q.is_empty());
+        // The tags acknowledged in those batches are remembered with the checkpoints.
+        let c = state.conn();
+        assert_eq!(known_tags(c, &BlobHash([1; 32])).unwrap(), vec!["t1"]);
+        add_known(c, &BlobHash([1; 32]), &["x".to_string(), "t1".to_string()]).unwrap();
+        assert_eq!(known_tags(c, &BlobHash([1; 32])).unwrap(), vec!["t1", "x"]);
+        assert!(known_tags(c, &BlobHash([5; 32])).unwrap().is_empty());
     }
 }
