@@ -18,8 +18,10 @@
 //! Resumable: per source account and folder, state.db keeps the folder's UIDVALIDITY and the
 //! highest UID whose message (and tag change) the server acknowledged; a batch's UIDs are
 //! checkpointed only once every Store and Tag request of that batch and of all earlier
-//! batches is acknowledged. A new UIDVALIDITY re-reads the folder from the start (harmless:
-//! Store is idempotent by hash). The next run fetches only UIDs above the checkpoint.
+//! batches is acknowledged, together with the tags those requests gave each message
+//! (`imap_known`), so that re-reading a message sends no Tag request for tags it already
+//! got. A new UIDVALIDITY re-reads the folder from the start (harmless: Store is idempotent
+//! by hash). The next run fetches only UIDs above the checkpoint.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -50,6 +52,9 @@ pub const IMAP_BYTES_IN_FLIGHT: u64 = 256 << 20;
 pub const IMAP_BATCH: usize = 256;
 /// How long connecting (TCP, TLS, greeting) may take.
 pub const IMAP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for the IMAP server's answer to a command, or for the next message of a
+/// FETCH: a server that stops answering ends the import with an error instead of a hang.
+pub const IMAP_READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest IMAP folder name accepted from the server's LIST answer.
 pub const MAX_FOLDER_NAME: usize = 1024;
 
@@ -386,6 +391,20 @@ async fn greeting<T: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug>(
     }
 }
 
+/// `fut` (an IMAP command, or reading its next response) within [`IMAP_READ_TIMEOUT`].
+async fn answer<T, E: Into<ImapError>>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ImapError> {
+    match tokio::time::timeout(IMAP_READ_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ImapError::Imap(format!(
+            "no answer from the IMAP server within {} s ({what})",
+            IMAP_READ_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 // ---------------------------------------------------------------- checkpoints
 
 const SCHEMA: &str = "
@@ -534,7 +553,7 @@ pub async fn import_imap(
     state.conn().execute_batch(SCHEMA)?;
     let mut session = open_session(src).await?;
     let result = run(conn, &mut state, &mut session, src, opts, progress).await;
-    let _ = session.logout().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), session.logout()).await;
     result
 }
 
@@ -550,11 +569,14 @@ async fn run(
     // Pass 1: which folders, and which UIDs in them are new.
     let mut listed: Vec<(String, Option<String>)> = Vec::new();
     {
-        let names: Vec<_> = session
-            .list(Some(""), Some("*"))
-            .await?
-            .try_collect()
-            .await?;
+        let names: Vec<_> = answer("LIST", async {
+            session
+                .list(Some(""), Some("*"))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await?;
         for n in names {
             if n.attributes().iter().any(|a| match a {
                 NameAttribute::NoSelect => true,
@@ -600,7 +622,7 @@ async fn run(
                 "folder {name:?} would get the invalid tag {tag:?}; choose one with --folder-tag"
             )));
         }
-        let mailbox = session.examine(&name).await?;
+        let mailbox = answer("EXAMINE", session.examine(&name)).await?;
         let uidvalidity = mailbox.uid_validity.unwrap_or(0);
         let (from, rescanned) = match checkpoint(state.conn(), &key, &name)? {
             Some((v, last)) if v == uidvalidity => (last, false),
@@ -611,12 +633,14 @@ async fn run(
             Vec::new()
         } else {
             // `n:*` always matches the highest UID, even below n: filter.
-            session
-                .uid_search(format!("UID {}:*", from.saturating_add(1)))
-                .await?
-                .into_iter()
-                .filter(|u| *u > from)
-                .collect()
+            answer(
+                "UID SEARCH",
+                session.uid_search(format!("UID {}:*", from.saturating_add(1))),
+            )
+            .await?
+            .into_iter()
+            .filter(|u| *u > from)
+            .collect()
         };
         uids.sort_unstable();
         tracing::debug!(folder = %name, uidvalidity, from, new = uids.len(), "IMAP folder");
@@ -656,7 +680,7 @@ async fn run(
             }
             continue;
         }
-        session.examine(&folder.name).await?;
+        answer("EXAMINE", session.examine(&folder.name)).await?;
         for chunk in folder.uids.chunks(IMAP_BATCH) {
             let batch_id = next_batch;
             next_batch += 1;
@@ -669,13 +693,17 @@ async fn run(
                 known: Vec::new(),
             });
             let set = uid_set(chunk);
-            let mut fetches = session.uid_fetch(&set, "(UID FLAGS BODY.PEEK[])").await?;
+            let mut fetches = answer(
+                "UID FETCH",
+                session.uid_fetch(&set, "(UID FLAGS BODY.PEEK[])"),
+            )
+            .await?;
             loop {
-                let fetched = match fetches.try_next().await {
+                let fetched = match answer("UID FETCH", fetches.try_next()).await {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
                     Err(e) => {
-                        failure = Some(e.into());
+                        failure = Some(e);
                         break 'folders;
                     }
                 };
