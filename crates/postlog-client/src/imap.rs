@@ -153,10 +153,11 @@ impl ImapSource {
     }
 }
 
-/// What to copy and how to tag it.
+/// What to copy and how to tag it. Folders are named as the server lists them, or decoded
+/// from modified UTF-7 (`Entwürfe` for `Entw&APw-rfe`).
 #[derive(Clone, Debug, Default)]
 pub struct ImapOptions {
-    /// Folders to copy (exact IMAP names); empty: every selectable folder.
+    /// Folders to copy; empty: every selectable folder.
     pub folders: Vec<String>,
     /// Folder name -> tag, overriding the default folder tag.
     pub folder_tags: HashMap<String, String>,
@@ -198,11 +199,63 @@ pub struct ImapReport {
     pub skipped: Vec<(String, u32, String)>,
 }
 
-/// The tag a folder's messages get, unless configured otherwise.
+/// Decodes a mailbox name from IMAP's modified UTF-7 (RFC 3501 §5.1.3: `&` starts a
+/// modified-base64 run of UTF-16, `-` ends it, `&-` is `&`). A name that is not valid
+/// modified UTF-7 is returned as it is.
+pub fn decode_mailbox_name(name: &str) -> String {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b',' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        let after = &rest[amp + 1..];
+        let Some(dash) = after.find('-') else {
+            return name.to_string();
+        };
+        let run = &after[..dash];
+        if run.is_empty() {
+            out.push('&');
+        } else {
+            let (mut bits, mut nbits, mut units) = (0u32, 0u32, Vec::new());
+            for c in run.bytes() {
+                let Some(v) = sextet(c) else {
+                    return name.to_string();
+                };
+                bits = (bits << 6) | v;
+                nbits += 6;
+                if nbits >= 16 {
+                    nbits -= 16;
+                    units.push((bits >> nbits) as u16);
+                    bits &= (1 << nbits) - 1;
+                }
+            }
+            match String::from_utf16(&units) {
+                Ok(s) => out.push_str(&s),
+                Err(_) => return name.to_string(),
+            }
+        }
+        rest = &after[dash + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The tag a folder's messages get, unless configured otherwise: `inbox` for INBOX, else
+/// the folder's name (decoded from modified UTF-7) with its hierarchy delimiter as `/`.
 pub fn default_folder_tag(folder: &str, delimiter: Option<&str>) -> String {
     if folder.eq_ignore_ascii_case("INBOX") {
         return "inbox".into();
     }
+    let folder = &decode_mailbox_name(folder);
     match delimiter {
         Some(d) if !d.is_empty() && d != "/" => folder.replace(d, "/"),
         _ => folder.to_string(),
@@ -595,7 +648,9 @@ async fn run(
         let mut out = Vec::new();
         for want in &opts.folders {
             let found = listed.iter().find(|(n, _)| {
-                n == want || (want.eq_ignore_ascii_case("INBOX") && n.eq_ignore_ascii_case("INBOX"))
+                n == want
+                    || decode_mailbox_name(n) == *want
+                    || (want.eq_ignore_ascii_case("INBOX") && n.eq_ignore_ascii_case("INBOX"))
             });
             match found {
                 Some(f) => out.push(f.clone()),
@@ -615,6 +670,7 @@ async fn run(
         let tag = opts
             .folder_tags
             .get(&name)
+            .or_else(|| opts.folder_tags.get(&decode_mailbox_name(&name)))
             .cloned()
             .unwrap_or_else(|| default_folder_tag(&name, delimiter.as_deref()));
         if !valid_tag(&tag) {
@@ -1011,6 +1067,20 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
         assert_eq!(uid_set(&[9]), "9");
         assert_eq!(uid_set(&[]), "");
+        // RFC 3501 §5.1.3's example, `&-`, a non-BMP character, and invalid runs kept as-is.
+        assert_eq!(
+            decode_mailbox_name("~peter/mail/&U,BTFw-/&ZeVnLIqe-"),
+            "~peter/mail/台北/日本語"
+        );
+        assert_eq!(decode_mailbox_name("Entw&APw-rfe"), "Entwürfe");
+        assert_eq!(decode_mailbox_name("Tom &- Jerry"), "Tom & Jerry");
+        assert_eq!(decode_mailbox_name("&2D3eAA-"), "\u{1F600}");
+        assert_eq!(decode_mailbox_name("bad&run"), "bad&run");
+        assert_eq!(decode_mailbox_name("bad&!!-"), "bad&!!-");
+        assert_eq!(
+            default_folder_tag("Lists.&AOk-t&AOk-", Some(".")),
+            "Lists/été"
+        );
     }
 
     #[test]

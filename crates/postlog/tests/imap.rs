@@ -232,8 +232,8 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     std::fs::write(&ca_file, &ca_pem).unwrap();
     let ca = ca_file.to_str().unwrap();
 
-    // The source account: three folders, flags and keywords, one message in two folders,
-    // and a bulk folder larger than one UID batch.
+    // The source account: five folders (one named in modified UTF-7), flags and keywords,
+    // one message in two folders, and a bulk folder larger than one UID batch.
     let dv_dir = dir.join("dovecot");
     std::fs::create_dir_all(&dv_dir).unwrap();
     let md = dv_dir.join("home/Maildir");
@@ -253,6 +253,8 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     put("archived", "Archive", m(6, 2000), Some("S"));
     put("archived-unread", "Archive", m(7, 2000), Some(""));
     put("list", "Lists.rust", m(8, 2000), Some("S"));
+    // A folder name in IMAP's modified UTF-7, as Dovecot keeps it on disk and lists it.
+    put("umlaut", "Entw&APw-rfe", m(10, 2000), Some("DS"));
     std::fs::write(md.join("dovecot-keywords"), "0 $Important\n1 work\n").unwrap();
     let mut bulk = BTreeSet::new();
     for i in 0..600 {
@@ -307,7 +309,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imaps, "implicit", &pw, &["--ca-file", ca]);
     assert!(ok, "first import: {err}");
     assert!(
-        out.starts_with("610 new in 4 folders, 609 stored, 1 already there (1 tagged), 0 skipped"),
+        out.starts_with("611 new in 5 folders, 610 stored, 1 already there (1 tagged), 0 skipped"),
         "{out}"
     );
     let want: BTreeMap<String, BTreeSet<String>> = [
@@ -320,6 +322,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
         ("archived", set(&["Archive"])),
         ("archived-unread", set(&["Archive", "unread"])),
         ("list", set(&["rust"])),
+        ("umlaut", set(&["Entwürfe", "draft"])),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -353,7 +356,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imap, "starttls", &pw, &["--ca-file", ca]);
     assert!(ok, "second import: {err}");
     assert!(
-        out.starts_with("0 new in 4 folders, 0 stored, 0 already there"),
+        out.starts_with("0 new in 5 folders, 0 stored, 0 already there"),
         "{out}"
     );
     let (ok, out, _) = cli(&["sync", "--profile", reader.to_str().unwrap()]);
@@ -372,7 +375,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imaps, "implicit", &pw, &["--ca-file", ca]);
     assert!(ok, "third import: {err}");
     assert!(
-        out.starts_with("2 new in 4 folders, 1 stored, 1 already there (1 tagged), 0 skipped"),
+        out.starts_with("2 new in 5 folders, 1 stored, 1 already there (1 tagged), 0 skipped"),
         "{out}"
     );
     let mut want = want;
@@ -395,7 +398,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imaps, "implicit", &pw, &["--ca-file", ca]);
     assert!(ok, "import after a UIDVALIDITY change: {err}");
     assert!(
-        out.starts_with("3 new in 4 folders, 0 stored, 3 already there (0 tagged)"),
+        out.starts_with("3 new in 5 folders, 0 stored, 3 already there (0 tagged)"),
         "{out}"
     );
     assert!(err.contains("Archive: UIDVALIDITY changed"), "{err}");
