@@ -7,7 +7,7 @@
 //! `decode(bytes)` gives `x`, then `decode(encode(x)) == x`.
 //!
 //! This file may only use what both its users have: postlog-proto, postlog-client,
-//! postlog-server, postlog-smtp, toml and std.
+//! postlog-server, postlog-smtp, postlog-mail, toml and std.
 
 use postlog_client::LoginUrl;
 use postlog_client::import::{garbage_reason, tags_for_name};
@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("maildir_name", maildir_name),
     ("server_config", server_config),
     ("smtp_session", smtp_session),
+    ("mail_submission", mail_submission),
 ];
 
 /// A decode error must render and map to a wire error code without panicking.
@@ -433,4 +434,39 @@ fn run_smtp_session(
     }
     out.extend(s.take_output());
     (out, messages)
+}
+
+/// A message handed to Send (server) or `postlog sendmail` (client): the envelope parse, the
+/// relay copy and a bounce of it never panic; the relay copy has CRLF line endings only and
+/// no Bcc field; a bounce of a sendable message is itself sendable, back to its sender.
+pub fn mail_submission(data: &[u8]) {
+    let sub = postlog_mail::submission(data, "", &[]);
+    let copy = postlog_mail::relay_copy(data);
+    assert!(
+        !copy.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r') && copy.first() != Some(&b'\n'),
+        "bare LF in the relay copy"
+    );
+    if let Some(n) = postlog_mail::header_section(&copy) {
+        let head = String::from_utf8_lossy(&copy[..n]).to_ascii_lowercase();
+        assert!(
+            !head.starts_with("bcc:") && !head.contains("\nbcc:"),
+            "Bcc kept"
+        );
+    }
+    let Ok(sub) = sub else { return };
+    let failed = [postlog_mail::FailedRecipient {
+        address: sub.recipients[0].clone(),
+        code: 550,
+        reason: "no".into(),
+    }];
+    let bounce = postlog_mail::dsn(&postlog_mail::Dsn {
+        reporting_mta: "fuzz.invalid",
+        to: &sub.from,
+        original: data,
+        arrival_s: 0,
+        now_s: 0,
+        failed: &failed,
+    });
+    let back = postlog_mail::submission(&bounce, "", &[]).expect("a bounce is sendable");
+    assert_eq!(back.recipients.len(), 1, "a bounce goes to the sender only");
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
+use postlog_bench::stats::{ms, print_table, signed_ms};
 use postlog_client::{Endpoint, Profile};
 
 /// Measure push latency: Store through one profile, wait for the file in a watcher's Maildir.
@@ -109,41 +110,18 @@ async fn main() -> anyhow::Result<()> {
         };
         ack.push(ms(acked - sent));
         from_start.push(ms(present - sent));
-        from_ack.push(if present >= acked {
-            ms(present - acked)
-        } else {
-            -ms(acked - present)
-        });
+        from_ack.push(signed_ms(acked, present));
         tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
     }
     conn.close();
 
-    println!(
-        "{:<32} {:>8} {:>8} {:>8} {:>8}",
-        "(ms, nearest rank)", "p50", "p90", "p99", "max"
+    print_table(
+        "messages",
+        &mut [
+            ("store sent -> ack", "ack", ack),
+            ("ack -> file present", "from_ack", from_ack),
+            ("store sent -> file present", "from_start", from_start),
+        ],
     );
-    let mut summary = String::from("summary");
-    for (name, key, v) in [
-        ("store sent -> ack", "ack", &mut ack),
-        ("ack -> file present", "from_ack", &mut from_ack),
-        ("store sent -> file present", "from_start", &mut from_start),
-    ] {
-        v.sort_by(f64::total_cmp);
-        let (p50, p90, p99) = (rank(v, 50), rank(v, 90), rank(v, 99));
-        let max = v.last().copied().unwrap_or(f64::NAN);
-        println!("{name:<32} {p50:>8.2} {p90:>8.2} {p99:>8.2} {max:>8.2}");
-        summary.push_str(&format!(" {key}_p50={p50:.3} {key}_p99={p99:.3}"));
-    }
-    println!("{} messages; {summary}", ack.len());
     Ok(())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Nearest-rank percentile of sorted, non-empty samples.
-fn rank(sorted: &[f64], percent: usize) -> f64 {
-    let r = (percent * sorted.len()).div_ceil(100).max(1);
-    sorted[r - 1]
 }

@@ -310,6 +310,37 @@ impl Connection {
         }
     }
 
+    /// Submits a message for sending (idempotent by its hash); returns its hash, the offset
+    /// of its Send record and whether this request appended it. An empty `from` and no
+    /// `recipients` let the server take them from the message's headers.
+    pub async fn send(
+        &self,
+        bytes: &[u8],
+        from: &str,
+        recipients: &[String],
+    ) -> Result<(BlobHash, LogOffset, bool)> {
+        let req = Request::Send {
+            size: bytes.len() as u64,
+            from: from.to_string(),
+            recipients: recipients.to_vec(),
+        };
+        let (mut send, mut recv) = self.request(&req).await?;
+        let sent = send.write_all(bytes).await;
+        let _ = send.finish();
+        match Self::response(&mut recv).await {
+            Ok(Response::Sent { hash, offset, new }) => {
+                if hash != BlobHash::of(bytes) {
+                    return Err(ClientError::Protocol(
+                        "server reported a different hash".into(),
+                    ));
+                }
+                Ok((hash, offset, new))
+            }
+            Ok(other) => Err(ClientError::from_response(other)),
+            Err(e) => Err(sent.err().map(ClientError::from).unwrap_or(e)),
+        }
+    }
+
     /// Fetches a message's bytes, verified against its hash.
     pub async fn fetch(&self, hash: &BlobHash) -> Result<Vec<u8>> {
         let (mut send, mut recv) = self.request(&Request::Fetch { hash: *hash }).await?;

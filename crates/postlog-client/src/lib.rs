@@ -10,6 +10,8 @@
 //! - [`state`]: the replica's tag CRDT state, Maildir names and queued local tag changes
 //!   (`PROFILE/state.db`).
 //! - [`import`]: store an existing Maildir's messages on the server, many at once.
+//! - [`outbox`]: mail `postlog sendmail` could not hand to the server yet, kept durably and
+//!   sent (idempotently) by the next sync, watch or sendmail.
 //! - [`imap`]: copy an IMAP account's folders into the account (flags, keywords and folders
 //!   become tags), resumable by per-folder UIDVALIDITY/UID checkpoints in state.db.
 //! - `notmuch` (feature `notmuch`, links GPL-3.0-or-later libnotmuch): index synced mail in
@@ -24,6 +26,7 @@ pub mod import;
 mod maildir;
 #[cfg(feature = "notmuch")]
 pub mod notmuch;
+pub mod outbox;
 mod profile;
 pub mod state;
 pub mod sync;

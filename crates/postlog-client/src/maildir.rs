@@ -2,7 +2,8 @@
 //!
 //! Every message file is named after its hash: `new/<hash>` (unread) or
 //! `cur/<hash>:2,<flags>`. A batch is written into `tmp/` (files named `postlog.<hash>`),
-//! made durable with one filesystem barrier (`syncfs`), renamed into place, and then the two
+//! made durable with one filesystem barrier (`syncfs`; a batch of a few files, such as one
+//! pushed message, fsyncs each file instead), renamed into place, and then the two
 //! directories are fsynced. A crash leaves at most `tmp/postlog.*` files, removed on open.
 
 use std::collections::{HashMap, HashSet};
@@ -104,23 +105,29 @@ impl Maildir {
         let tmp = self.root.join("tmp");
         let mut staged = Vec::new();
         let mut seen_in_batch = HashSet::new();
-        for m in batch {
-            if !seen_in_batch.insert(m.hash) || self.exists(&m.name) {
-                continue;
-            }
+        let todo: Vec<&NewMessage<'_>> = batch
+            .iter()
+            .filter(|m| seen_in_batch.insert(m.hash) && !self.exists(&m.name))
+            .collect();
+        // A few files (a pushed message in --watch) are cheaper to fsync one by one than to
+        // flush the whole filesystem, which may hold other programs' dirty data; a large
+        // batch gets one barrier for all its files instead of one fsync per file.
+        let per_file = todo.len() <= PER_FILE_FSYNC_MAX;
+        for m in todo {
             let t = tmp.join(format!("{TMP_PREFIX}{}", m.hash));
-            std::fs::write(&t, m.bytes).map_err(err(&t))?;
+            write_file(&t, m.bytes, per_file)?;
             staged.push((t, self.root.join(&m.name)));
         }
         if staged.is_empty() {
             return Ok(0);
         }
-        // One barrier for the whole batch instead of one fsync per file.
-        let dir = std::fs::File::open(&tmp).map_err(err(&tmp))?;
-        rustix::fs::syncfs(&dir).map_err(|e| MaildirError {
-            path: tmp.clone(),
-            source: e.into(),
-        })?;
+        if !per_file {
+            let dir = std::fs::File::open(&tmp).map_err(err(&tmp))?;
+            rustix::fs::syncfs(&dir).map_err(|e| MaildirError {
+                path: tmp.clone(),
+                source: e.into(),
+            })?;
+        }
         for (t, dest) in &staged {
             std::fs::rename(t, dest).map_err(err(dest))?;
         }
@@ -146,6 +153,21 @@ impl Maildir {
         fsync_dir(&self.root.join("new"))?;
         fsync_dir(&self.root.join("cur"))
     }
+}
+
+/// Batches of at most this many files are made durable file by file (fsync each), larger
+/// ones with one syncfs barrier.
+const PER_FILE_FSYNC_MAX: usize = 4;
+
+/// Writes `bytes` to a new file at `path`, fsyncing it if `sync`.
+fn write_file(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(err(path))?;
+    f.write_all(bytes).map_err(err(path))?;
+    if sync {
+        f.sync_all().map_err(err(path))?;
+    }
+    Ok(())
 }
 
 /// The hash a Maildir file name starts with, if it is one of ours.

@@ -101,6 +101,9 @@ pub struct Progress {
     /// notmuch messages read and written (0 and 0 when nothing changed).
     pub notmuch_read: AtomicU64,
     pub notmuch_written: AtomicU64,
+    /// Messages sent from the outbox, and refused for good (moved to `outbox/failed/`).
+    pub outbox_sent: AtomicU64,
+    pub outbox_failed: AtomicU64,
 }
 
 #[cfg(feature = "notmuch")]
@@ -154,11 +157,33 @@ fn find_local_changes(p: &Profile, progress: &Progress) -> Result<(), SyncError>
     Ok(())
 }
 
-/// Finds local tag changes (Maildir flags changed by mail readers since the last scan, and
-/// tags edited in notmuch), queues them durably, and sends every queued change to the
-/// server. Returns how many were sent. A change for a message the server no longer holds
+/// Sends the outbox (mail `postlog sendmail` queued while offline), then finds local tag
+/// changes (Maildir flags changed by mail readers since the last scan, and tags edited in
+/// notmuch), queues them durably, and sends every queued change to the server. Returns how
+/// many messages and changes were sent. A change for a message the server no longer holds
 /// is dropped; an acknowledged one stays in the replica's view until its record is applied.
 pub async fn push_local_changes(
+    profile: &Profile,
+    conn: &Connection,
+    progress: &Arc<Progress>,
+) -> Result<usize, SyncError> {
+    let flushed = crate::outbox::Outbox::open(&profile.dir)?
+        .flush(conn)
+        .await
+        .map_err(|e| match e {
+            crate::outbox::FlushError::Client(c) => SyncError::Client(c),
+            crate::outbox::FlushError::Local(p) => SyncError::Profile(p),
+        })?;
+    progress
+        .outbox_sent
+        .fetch_add(flushed.sent.len() as u64, Ordering::Relaxed);
+    progress
+        .outbox_failed
+        .fetch_add(flushed.failed.len() as u64, Ordering::Relaxed);
+    Ok(flushed.sent.len() + push_tag_changes(profile, conn, progress).await?)
+}
+
+async fn push_tag_changes(
     profile: &Profile,
     conn: &Connection,
     progress: &Arc<Progress>,

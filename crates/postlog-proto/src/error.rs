@@ -27,6 +27,12 @@ pub enum ErrorCode {
     Corrupt = 10,
     /// The request is well-formed but not acceptable (e.g. an invalid field value).
     Invalid = 11,
+    /// A Send carried something that is not a mail message (no header section, no From).
+    NotMail = 12,
+    /// A Send's envelope sender or From address is not one of the account's addresses.
+    SenderNotAllowed = 13,
+    /// A Send had no recipients, explicit or in To/Cc/Bcc, or an invalid one.
+    BadRecipients = 14,
 }
 
 impl ErrorCode {
@@ -51,6 +57,9 @@ impl ErrorCode {
             9 => Internal,
             10 => Corrupt,
             11 => Invalid,
+            12 => NotMail,
+            13 => SenderNotAllowed,
+            14 => BadRecipients,
             _ => return None,
         })
     }

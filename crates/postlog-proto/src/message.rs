@@ -39,6 +39,15 @@ pub enum Request {
         seen: LogOffset,
         seq: u64,
     },
+    /// Send a message: exactly `size` raw bytes follow this frame, then the stream ends.
+    /// `from` is the envelope sender and `recipients` the envelope recipients; an empty
+    /// `from` means the message's From address, no recipients mean its To, Cc and Bcc.
+    /// Idempotent by the message's hash.
+    Send {
+        size: u64,
+        from: String,
+        recipients: Vec<String>,
+    },
 }
 
 /// A response frame written by the server.
@@ -66,6 +75,13 @@ pub enum Response {
     /// The Tag request is durable as the Tags record at `offset`; `new` is false when this
     /// `(device, seq)` had already been recorded (a retry).
     Tagged { offset: LogOffset, new: bool },
+    /// The Send request is durable as the Send record at `offset` and queued for relay;
+    /// `new` is false when the account had already sent these exact bytes.
+    Sent {
+        hash: BlobHash,
+        offset: LogOffset,
+        new: bool,
+    },
 }
 
 /// A record of the metadata log, with the server's offset and time of append.
@@ -188,6 +204,15 @@ impl Request {
                 strs(&mut e, remove);
                 done(e.u64(*seen).and_then(|e| e.u64(*seq)));
             }
+            Request::Send {
+                size,
+                from,
+                recipients,
+            } => {
+                done(e.array(4).and_then(|e| e.u8(6)).and_then(|e| e.u64(*size)));
+                done(e.str(from));
+                strs(&mut e, recipients);
+            }
         }
         e.into_writer()
     }
@@ -223,6 +248,11 @@ impl Request {
                 seen: r.u64()?,
                 seq: r.u64()?,
             },
+            6 => Request::Send {
+                size: r.u64()?,
+                from: r.string("from", MAX_ADDRESS_LEN)?,
+                recipients: r.strings("recipients", MAX_RECIPIENTS, MAX_ADDRESS_LEN)?,
+            },
             k => {
                 return Err(DecodeError::UnknownKind {
                     what: "request",
@@ -237,7 +267,10 @@ impl Request {
     /// Whether executing this request changes server state. Such requests never run from
     /// 0-RTT data before the handshake completes (docs/PROTOCOL.md, "0-RTT profile").
     pub fn is_mutating(&self) -> bool {
-        matches!(self, Request::Store { .. } | Request::Tag { .. })
+        matches!(
+            self,
+            Request::Store { .. } | Request::Tag { .. } | Request::Send { .. }
+        )
     }
 }
 
@@ -286,6 +319,14 @@ impl Response {
                 );
                 done(e.bool(*new));
             }
+            Response::Sent { hash, offset, new } => {
+                done(
+                    e.array(4)
+                        .and_then(|e| e.u8(8))
+                        .and_then(|e| e.bytes(&hash.0)),
+                );
+                done(e.u64(*offset).and_then(|e| e.bool(*new)));
+            }
         }
         e.into_writer()
     }
@@ -317,6 +358,11 @@ impl Response {
             },
             6 => Response::Blob { size: r.u64()? },
             7 => Response::Tagged {
+                offset: r.u64()?,
+                new: r.bool()?,
+            },
+            8 => Response::Sent {
+                hash: r.hash()?,
                 offset: r.u64()?,
                 new: r.bool()?,
             },

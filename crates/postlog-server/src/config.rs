@@ -26,6 +26,125 @@ pub struct ServerConfig {
     pub smtp: SmtpConfig,
     /// What happens to mail that arrives over LMTP, SMTP or `postlog deliver`.
     pub delivery: DeliveryConfig,
+    /// Where sent mail goes: the outbound SMTP relay and its retry policy.
+    pub relay: RelayConfig,
+}
+
+/// `[relay]`: the SMTP relay that sent mail goes through, and the retry policy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// `smtp://[USER:PASS@]HOST[:PORT]` (STARTTLS required, port 587),
+    /// `smtps://...` (implicit TLS, port 465), or `smtp+plain://...` (no TLS, port 25:
+    /// only for a relay on the same machine). `postlog serve --relay` overrides it. Without
+    /// a relay, sent mail stays queued (and bounces after `retry_period`).
+    pub url: Option<String>,
+    /// A PEM file of extra CA certificates to trust for the relay (relative to the data
+    /// directory unless absolute); the web PKI roots are always trusted.
+    pub ca_file: Option<PathBuf>,
+    /// Wait before the first retry; doubles per attempt up to `retry_max`.
+    pub retry_initial: String,
+    pub retry_max: String,
+    /// After this long, temporary failures become permanent and bounce.
+    pub retry_period: String,
+    /// Connect and reply timeout per SMTP step.
+    pub timeout: String,
+    /// Tags of a bounce (delivery status notification) stored in the sender's log.
+    pub bounce_tags: Vec<String>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            url: None,
+            ca_file: None,
+            retry_initial: "1m".into(),
+            retry_max: "1h".into(),
+            retry_period: "5d".into(),
+            timeout: "60s".into(),
+            bounce_tags: vec!["inbox".into(), "unread".into(), "bounce".into()],
+        }
+    }
+}
+
+/// How the relay connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayTls {
+    /// `smtp://`: plain connect, then STARTTLS (required).
+    StartTls,
+    /// `smtps://`: TLS from the first byte.
+    Implicit,
+    /// `smtp+plain://`: no TLS.
+    None,
+}
+
+/// A parsed relay URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayTarget {
+    pub host: String,
+    pub port: u16,
+    pub tls: RelayTls,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl RelayTarget {
+    /// Parses `smtp://`, `smtps://` or `smtp+plain://` `[USER:PASS@]HOST[:PORT]`; the user
+    /// and password are percent-decoded.
+    pub fn parse(url: &str) -> Result<RelayTarget, String> {
+        let u = url::Url::parse(url).map_err(|e| format!("relay URL {url:?}: {e}"))?;
+        let (tls, default_port) = match u.scheme() {
+            "smtp" => (RelayTls::StartTls, 587),
+            "smtps" => (RelayTls::Implicit, 465),
+            "smtp+plain" => (RelayTls::None, 25),
+            other => {
+                return Err(format!(
+                    "relay URL scheme {other:?}: use smtp:// (STARTTLS), smtps:// (TLS) or \
+                     smtp+plain:// (no TLS)"
+                ));
+            }
+        };
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("relay URL {url:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let user = (!u.username().is_empty()).then(|| decode(u.username()));
+        let password = u.password().map(decode);
+        Ok(RelayTarget {
+            host,
+            port: u.port().unwrap_or(default_port),
+            tls,
+            user,
+            password,
+        })
+    }
+}
+
+/// Parses a duration such as `500ms`, `30s`, `5m`, `1h` or `5d`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?}: give a unit (ms, s, m, h, d)"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    Ok(std::time::Duration::from_millis(n.saturating_mul(ms)))
 }
 
 /// `[lmtp]`: TCP and/or Unix-socket LMTP listeners.
@@ -86,6 +205,7 @@ impl Default for ServerConfig {
             lmtp: LmtpConfig::default(),
             smtp: SmtpConfig::default(),
             delivery: DeliveryConfig::default(),
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -124,6 +244,19 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # max_recipients = 1000
 # max_connections_per_ip = 20
 # max_connections = 1000
+
+# Mail out (docs/SENDING.md): the SMTP relay that sent mail goes through.
+# `postlog serve --relay URL` overrides the URL. Schemes: smtp:// for STARTTLS (required,
+# port 587), smtps:// for implicit TLS (465), smtp+plain:// for no TLS (25; a relay on
+# this machine only).
+# [relay]
+# url = "smtp://user:password@smtp.example.org:587"
+# ca_file = "relay-ca.pem"
+# retry_initial = "1m"
+# retry_max = "1h"
+# retry_period = "5d"
+# timeout = "60s"
+# bounce_tags = ["inbox", "unread", "bounce"]
 "#;
 
 /// Why the configuration could not be loaded.
@@ -184,6 +317,28 @@ impl ServerConfig {
         if d.max_recipients == 0 || d.max_connections_per_ip == 0 || d.max_connections == 0 {
             return Err("delivery: limits must be at least 1".into());
         }
+        let r = &self.relay;
+        for (name, v) in [
+            ("retry_initial", &r.retry_initial),
+            ("retry_max", &r.retry_max),
+            ("retry_period", &r.retry_period),
+            ("timeout", &r.timeout),
+        ] {
+            let d = parse_duration(v).map_err(|e| format!("relay.{name}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!("relay.{name} must be more than 0"));
+            }
+        }
+        if let Some(url) = &r.url {
+            RelayTarget::parse(url).map_err(|e| format!("relay.url: {e}"))?;
+        }
+        if let Some(t) = r
+            .bounce_tags
+            .iter()
+            .find(|t| !postlog_proto::message::valid_tag(t))
+        {
+            return Err(format!("relay.bounce_tags: {t:?} is not a valid tag"));
+        }
         Ok(())
     }
 
@@ -221,6 +376,30 @@ mod tests {
         );
         assert_eq!(parsed.lmtp.listen, Some("127.0.0.1:2424".parse().unwrap()));
         assert_eq!(parsed.delivery.initial_tags, ["inbox", "unread"]);
+        assert_eq!(parsed.relay.retry_period, "5d");
+        assert_eq!(
+            RelayTarget::parse(parsed.relay.url.as_deref().unwrap()).unwrap(),
+            RelayTarget {
+                host: "smtp.example.org".into(),
+                port: 587,
+                tls: RelayTls::StartTls,
+                user: Some("user".into()),
+                password: Some("password".into()),
+            }
+        );
+        let t = RelayTarget::parse("smtps://a%40b.c:p%3Ass@[::1]").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls),
+            ("::1", 465, RelayTls::Implicit)
+        );
+        assert_eq!(
+            (t.user.unwrap(), t.password.unwrap()),
+            ("a@b.c".into(), "p:ss".into())
+        );
+        assert!(RelayTarget::parse("http://x").is_err());
+        assert_eq!(parse_duration("5d").unwrap().as_secs(), 432_000);
+        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
+        assert!(parse_duration("5").is_err() && parse_duration("5y").is_err());
         assert_eq!(
             format!("{:?}", parsed.delivery.max_recipients),
             format!("{:?}", ServerConfig::default().delivery.max_recipients)

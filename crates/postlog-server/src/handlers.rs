@@ -119,6 +119,11 @@ pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv
             Request::Fetch { hash } => fetch(&conn, &mut send, hash).await,
             Request::Store { size, tags } => store(&conn, &mut send, &mut recv, size, tags).await,
             Request::Log { from, inline_blobs } => log(&conn, &mut send, from, inline_blobs).await,
+            Request::Send {
+                size,
+                from,
+                recipients,
+            } => submit(&conn, &mut send, &mut recv, size, from, recipients).await,
             Request::Tag {
                 hash,
                 add,
@@ -237,13 +242,17 @@ async fn fetch(conn: &Arc<Conn>, send: &mut SendStream, hash: BlobHash) -> Resul
     Ok(())
 }
 
-async fn store(
+/// Most bytes of a Send kept in memory to parse its header section.
+const MAX_SEND_HEADER: usize = 1024 * 1024;
+
+/// Receives exactly `size` message bytes into a staged blob. Keeps the first `keep` bytes
+/// in memory too (for parsing).
+async fn receive(
     conn: &Arc<Conn>,
-    send: &mut SendStream,
     recv: &mut RecvStream,
     size: u64,
-    tags: Vec<String>,
-) -> Result {
+    keep: usize,
+) -> Result<(StagedBlob, Vec<u8>)> {
     let max = conn.shared.config.max_message_size;
     if size > max {
         return Err(Fail(
@@ -252,6 +261,7 @@ async fn store(
         ));
     }
     let mut writer = blob_writer(&conn.shared, max).await?;
+    let mut head = Vec::new();
     loop {
         match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => {
@@ -261,6 +271,8 @@ async fn store(
                         format!("more than the announced {size} bytes"),
                     ));
                 }
+                let room = keep.saturating_sub(head.len()).min(chunk.bytes.len());
+                head.extend_from_slice(&chunk.bytes[..room]);
                 writer.write(&chunk.bytes)?;
             }
             Ok(None) => break,
@@ -273,9 +285,87 @@ async fn store(
             format!("stream ended after {} of {size} bytes", writer.size()),
         ));
     }
-    let blob = finish_blob(writer).await?;
+    Ok((finish_blob(writer).await?, head))
+}
+
+async fn store(
+    conn: &Arc<Conn>,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    size: u64,
+    tags: Vec<String>,
+) -> Result {
+    let (blob, _) = receive(conn, recv, size, 0).await?;
     let appended = append(conn, NewRecord::Store { blob, tags }).await?;
     let reply = Response::Stored {
+        hash: appended.hash,
+        offset: appended.offset,
+        new: appended.new,
+    };
+    send.write_all(&reply.to_frame()).await?;
+    Ok(())
+}
+
+/// Send: checks the message and its sender, then stores it, appends the Send record and
+/// queues it for the relay (one transaction), and wakes the relay worker.
+async fn submit(
+    conn: &Arc<Conn>,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    size: u64,
+    from: String,
+    recipients: Vec<String>,
+) -> Result {
+    let (blob, head) = receive(conn, recv, size, MAX_SEND_HEADER).await?;
+    if postlog_mail::header_section(&head).is_some_and(|n| n == head.len())
+        && head.len() == MAX_SEND_HEADER
+    {
+        return Err(Fail(
+            ErrorCode::NotMail,
+            format!("the header section is longer than {MAX_SEND_HEADER} bytes"),
+        ));
+    }
+    let sub = postlog_mail::submission(&head, &from, &recipients).map_err(|e| {
+        let code = match e {
+            postlog_mail::MailError::NotMail(_) => ErrorCode::NotMail,
+            postlog_mail::MailError::BadSender(_) => ErrorCode::SenderNotAllowed,
+            _ => ErrorCode::BadRecipients,
+        };
+        Fail(code, e.to_string())
+    })?;
+    // The envelope sender and the From (or, if present, Sender) address must be the
+    // account's own: an address, a +detail of one, or in a catch-all domain of it.
+    let mut check: Vec<String> = vec![sub.from.clone()];
+    match &sub.header_sender {
+        Some(s) => check.push(s.clone()),
+        None => check.extend(sub.header_from.iter().cloned()),
+    }
+    let account = conn.account;
+    let foreign = blocking(conn, move |s, _| {
+        for a in check {
+            if s.store.resolve_address(&a)? != Some(account) {
+                return Ok(Some(a));
+            }
+        }
+        Ok(None)
+    })
+    .await?;
+    if let Some(a) = foreign {
+        return Err(Fail(
+            ErrorCode::SenderNotAllowed,
+            format!("{a} is not an address of this account (postlog account add --address)"),
+        ));
+    }
+    let record = NewRecord::Send {
+        blob,
+        from: sub.from,
+        recipients: sub.recipients,
+    };
+    let appended = append(conn, record).await?;
+    if appended.new {
+        conn.shared.relay_wake.notify_one();
+    }
+    let reply = Response::Sent {
         hash: appended.hash,
         offset: appended.offset,
         new: appended.new,

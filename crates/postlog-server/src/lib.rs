@@ -9,6 +9,9 @@
 //! - `smtp`: the LMTP (TCP, Unix socket) and SMTP (STARTTLS) listeners. Each connection
 //!   drives a sans-IO `postlog_smtp::Session`; messages are appended as Store records
 //!   through the same `Backend` as QUIC Stores, so watching clients get them pushed.
+//! - `relay`: the outbound relay worker. A Send request queues the message (store); this
+//!   task relays due messages over SMTP (lettre), retries with backoff, and records each
+//!   attempt, bounces (RFC 3464) and the final `delivered`/`bounced` tags through the store.
 //!
 //! Architecture invariant: handlers never touch files or SQLite directly; they go through
 //! [`postlog_store::Backend`], on blocking threads.
@@ -16,6 +19,7 @@
 pub mod config;
 mod handlers;
 pub mod push;
+mod relay;
 mod server;
 mod smtp;
 pub mod tls;

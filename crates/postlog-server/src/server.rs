@@ -44,6 +44,8 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("relay: {0}")]
+    Relay(String),
 }
 
 /// What `postlog serve` may override in `postlog.toml`. `None` keeps the configured value.
@@ -57,12 +59,16 @@ pub struct StartOptions {
     pub lmtp_unix: Option<PathBuf>,
     /// TCP address of the SMTP listener.
     pub smtp: Option<SocketAddr>,
+    /// The outbound SMTP relay URL (`[relay] url`).
+    pub relay: Option<String>,
 }
 
 pub(crate) struct Shared {
     pub store: Arc<dyn Backend>,
     pub heads: Heads,
     pub config: ServerConfig,
+    /// Notified after every new Send, so the relay worker starts at once.
+    pub relay_wake: Arc<tokio::sync::Notify>,
     connections: AtomicUsize,
 }
 
@@ -72,6 +78,7 @@ pub struct Server {
     shared: Arc<Shared>,
     fingerprint: String,
     mail: crate::smtp::Listeners,
+    relay: crate::relay::Relay,
     lmtp_addr: Option<SocketAddr>,
     lmtp_socket: Option<PathBuf>,
     smtp_addr: Option<SocketAddr>,
@@ -106,6 +113,11 @@ impl Server {
         if opts.smtp.is_some() {
             config.smtp.listen = opts.smtp;
         }
+        if opts.relay.is_some() {
+            config.relay.url = opts.relay;
+            config.check().map_err(ServerError::Relay)?;
+        }
+        let relay = relay_settings(data, &config)?;
         let identity = tls::load_or_generate(data, &config)?;
         let fingerprint = identity.fingerprint();
         let smtp_tls = match config.smtp.listen {
@@ -145,6 +157,7 @@ impl Server {
             store,
             heads,
             config,
+            relay_wake: Arc::new(tokio::sync::Notify::new()),
             connections: AtomicUsize::new(0),
         });
         Ok(Server {
@@ -152,6 +165,7 @@ impl Server {
             shared,
             fingerprint,
             mail,
+            relay,
             lmtp_addr,
             lmtp_socket,
             smtp_addr,
@@ -193,9 +207,16 @@ impl Server {
             endpoint,
             shared,
             mail,
+            relay,
             ..
         } = self;
         let (stop_mail, stop_rx) = watch::channel(false);
+        let relay = tokio::spawn(crate::relay::run(
+            shared.clone(),
+            relay,
+            shared.relay_wake.clone(),
+            stop_rx.clone(),
+        ));
         let mail = tokio::spawn(crate::smtp::run(shared.clone(), mail, stop_rx));
         tokio::pin!(shutdown);
         loop {
@@ -225,7 +246,39 @@ impl Server {
         endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         let _ = mail.await;
+        let _ = relay.await;
     }
+}
+
+/// The relay worker's settings (without a relay URL, the worker only bounces mail that
+/// waited longer than the retry period).
+fn relay_settings(data: &Path, config: &ServerConfig) -> Result<crate::relay::Relay, ServerError> {
+    use crate::config::{RelayTarget, parse_duration};
+    let r = &config.relay;
+    let target = match &r.url {
+        Some(url) => Some(RelayTarget::parse(url).map_err(ServerError::Relay)?),
+        None => None,
+    };
+    let ca_pem = match &r.ca_file {
+        Some(f) => {
+            let path = data.join(f);
+            Some(std::fs::read(&path).map_err(|e| {
+                ServerError::Relay(format!("cannot read ca_file {}: {e}", path.display()))
+            })?)
+        }
+        None => None,
+    };
+    let d = |s: &str| parse_duration(s).map_err(ServerError::Relay);
+    Ok(crate::relay::Relay {
+        target,
+        ca_pem,
+        retry_initial: d(&r.retry_initial)?,
+        retry_max: d(&r.retry_max)?,
+        retry_period: d(&r.retry_period)?,
+        timeout: d(&r.timeout)?,
+        bounce_tags: r.bounce_tags.clone(),
+        hostname: config.mail_hostname().to_string(),
+    })
 }
 
 /// Opens the store, waiting up to [`LOCK_WAIT`] while another process (a direct

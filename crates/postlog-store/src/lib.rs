@@ -17,12 +17,14 @@
 mod accounts;
 mod blobs;
 mod db;
+mod relay;
 mod store;
 mod verify;
 
 pub use accounts::{AccountId, Accounts, DeviceCredentials, DeviceId, DeviceInfo};
 pub use blobs::{BlobWriter, StagedBlob};
-pub use store::{Appended, Backend, HeadWatcher, NewRecord, Store};
+pub use relay::{BOUNCED_TAG, DELIVERED_TAG, Delivery, QueuedSend, RecipientReport, SENT_TAGS};
+pub use store::{Appended, Backend, HeadWatcher, NewRecord, SERVER_DEVICE, Store};
 pub use verify::{VerifyReport, verify};
 
 use std::path::PathBuf;

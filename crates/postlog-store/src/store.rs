@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::accounts::{self, AccountId, DeviceId};
 use crate::blobs::{self, BlobWriter, StagedBlob};
 use crate::db::{self, KIND_SCRUBBED};
+use crate::relay::{self, QueuedSend, RecipientReport};
 use crate::{Result, StoreError, now_ms};
 
 /// Most appends committed in one transaction.
@@ -30,6 +31,23 @@ pub enum NewRecord {
         seen: LogOffset,
         device: DeviceId,
         seq: u64,
+    },
+    /// A message submitted for sending, idempotent by hash: the message is stored (tagged
+    /// `sent` and `queued`) unless held already (then it gets those tags), then the Send
+    /// record is appended and every recipient queued for relay, in one transaction. The
+    /// outcome's offset is the Send record's.
+    Send {
+        blob: StagedBlob,
+        from: String,
+        recipients: Vec<String>,
+    },
+    /// The relay worker's report of one attempt for a sent message. Updates the queue; a
+    /// `bounce` (with its tags) is stored as a new message; when the report settles the last
+    /// pending recipient, the sent message's `queued` tag becomes `delivered` or `bounced`.
+    Relayed {
+        hash: BlobHash,
+        reports: Vec<RecipientReport>,
+        bounce: Option<(StagedBlob, Vec<String>)>,
     },
 }
 
@@ -76,6 +94,10 @@ pub trait Backend: Send + Sync + 'static {
     fn resolve_address(&self, address: &str) -> Result<Option<AccountId>>;
     /// The account with this name, if any.
     fn account_by_name(&self, name: &str) -> Result<Option<AccountId>>;
+    /// Sent messages with recipients due for a relay attempt at `now_ms` (at most `max`).
+    fn relay_due(&self, now_ms: u64, max: usize) -> Result<Vec<QueuedSend>>;
+    /// When the next queued recipient is due (ms since the Unix epoch), if any is pending.
+    fn relay_next_due(&self) -> Result<Option<u64>>;
 }
 
 /// The embedded store rooted at a data directory.
@@ -112,6 +134,7 @@ impl Store {
         }
         let conn = db::open(&root.join("postlog.db"))?;
         conn.execute_batch(db::SCHEMA)?;
+        conn.execute_batch(relay::SCHEMA)?;
         let shared = Arc::new(Shared {
             heads: Mutex::new(HashMap::new()),
             watcher: Mutex::new(None),
@@ -310,6 +333,14 @@ impl Backend for Store {
         }
     }
 
+    fn relay_due(&self, now_ms: u64, max: usize) -> Result<Vec<QueuedSend>> {
+        self.with_reader(|c| relay::due(c, now_ms, max))
+    }
+
+    fn relay_next_due(&self) -> Result<Option<u64>> {
+        self.with_reader(relay::next_due)
+    }
+
     fn set_head_watcher(&self, watcher: HeadWatcher) {
         if let Ok(mut w) = self.shared.watcher.lock() {
             *w = Some(watcher);
@@ -402,6 +433,7 @@ fn commit_group(
         let mut placed: HashMap<(AccountId, BlobHash), LogOffset> = HashMap::new();
         let mut placed_any = false;
         let mut tag_ops: HashMap<(AccountId, DeviceId, u64), LogOffset> = HashMap::new();
+        let mut sent: HashMap<(AccountId, BlobHash), LogOffset> = HashMap::new();
         let mut out = Vec::with_capacity(work.len());
         let now = now_ms();
         for (account, record) in work {
@@ -551,6 +583,116 @@ fn commit_group(
                         }),
                     ));
                 }
+                NewRecord::Send {
+                    blob,
+                    from,
+                    recipients,
+                } => {
+                    let hash = blob.hash;
+                    heads.insert(account, head);
+                    let before = match sent.get(&(account, hash)) {
+                        Some(o) => Some(*o),
+                        None => relay::queued_offset(&tx, account, &hash).map_err(not_fatal)?,
+                    };
+                    if let Some(offset) = before {
+                        out.push((
+                            account,
+                            Ok(Appended {
+                                hash,
+                                offset,
+                                new: false,
+                            }),
+                        ));
+                        continue;
+                    }
+                    let tags: Vec<String> = relay::SENT_TAGS.map(String::from).to_vec();
+                    let mut head = head;
+                    if held(&tx, &placed, account, &hash).map_err(not_fatal)? {
+                        server_tags(&tx, &mut tag_ops, account, head, now, hash, tags, vec![])
+                            .map_err(not_fatal)?;
+                    } else {
+                        let size = blob.size;
+                        blob.place(&blobs::blob_path(root, account, &hash))
+                            .map_err(not_fatal)?;
+                        placed_any = true;
+                        insert_message(&tx, account, head, now, hash, size, tags)
+                            .map_err(not_fatal)?;
+                        placed.insert((account, hash), head);
+                    }
+                    head += 1;
+                    let size = relay_size(&tx, account, &hash).map_err(not_fatal)?;
+                    let rec = Record::Send {
+                        hash,
+                        size,
+                        from: from.clone(),
+                        recipients: recipients.clone(),
+                    };
+                    insert_record(&tx, account, head, now, &rec).map_err(not_fatal)?;
+                    relay::enqueue(&tx, account, &hash, head, &from, &recipients, now)
+                        .map_err(not_fatal)?;
+                    sent.insert((account, hash), head);
+                    heads.insert(account, head + 1);
+                    out.push((
+                        account,
+                        Ok(Appended {
+                            hash,
+                            offset: head,
+                            new: true,
+                        }),
+                    ));
+                }
+                NewRecord::Relayed {
+                    hash,
+                    reports,
+                    bounce,
+                } => {
+                    let mut head = head;
+                    let finished =
+                        relay::apply_report(&tx, account, &hash, &reports).map_err(not_fatal)?;
+                    if let Some((blob, tags)) = bounce {
+                        let bounce_hash = blob.hash;
+                        if !held(&tx, &placed, account, &bounce_hash).map_err(not_fatal)? {
+                            let size = blob.size;
+                            blob.place(&blobs::blob_path(root, account, &bounce_hash))
+                                .map_err(not_fatal)?;
+                            placed_any = true;
+                            insert_message(&tx, account, head, now, bounce_hash, size, tags)
+                                .map_err(not_fatal)?;
+                            placed.insert((account, bounce_hash), head);
+                            head += 1;
+                        }
+                    }
+                    if let Some(f) = finished
+                        && held(&tx, &placed, account, &hash).map_err(not_fatal)?
+                    {
+                        let done = if f.any_failed {
+                            relay::BOUNCED_TAG
+                        } else {
+                            relay::DELIVERED_TAG
+                        };
+                        server_tags(
+                            &tx,
+                            &mut tag_ops,
+                            account,
+                            head,
+                            now,
+                            hash,
+                            vec![done.to_string()],
+                            vec![relay::SENT_TAGS[1].to_string()],
+                        )
+                        .map_err(not_fatal)?;
+                        head += 1;
+                    }
+                    heads.insert(account, head);
+                    out.push((
+                        account,
+                        Ok(Appended {
+                            hash,
+                            offset: head,
+                            new: true,
+                        }),
+                    ));
+                }
             }
         }
         // Blobs durable before the records that name them: one barrier for the whole group
@@ -566,6 +708,95 @@ fn commit_group(
     })();
     (dones, result)
 }
+
+/// Whether the account holds the message (committed, or placed earlier in this group).
+fn held(
+    tx: &Connection,
+    placed: &HashMap<(AccountId, BlobHash), LogOffset>,
+    account: AccountId,
+    hash: &BlobHash,
+) -> Result<bool> {
+    if placed.contains_key(&(account, *hash)) {
+        return Ok(true);
+    }
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
+            params![account, hash.0.as_slice()],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// The size of a message the account holds (0 if it holds none).
+fn relay_size(tx: &Connection, account: AccountId, hash: &BlobHash) -> Result<u64> {
+    Ok(tx
+        .query_row(
+            "SELECT size FROM blobs WHERE account_id = ?1 AND hash = ?2",
+            params![account, hash.0.as_slice()],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
+/// Appends the Store record of a message just placed in the blob store, and indexes it.
+fn insert_message(
+    tx: &Connection,
+    account: AccountId,
+    offset: LogOffset,
+    now: u64,
+    hash: BlobHash,
+    size: u64,
+    tags: Vec<String>,
+) -> Result<()> {
+    insert_record(
+        tx,
+        account,
+        offset,
+        now,
+        &Record::Store { hash, size, tags },
+    )?;
+    tx.execute(
+        "INSERT INTO blobs (account_id, hash, offset, size) VALUES (?1, ?2, ?3, ?4)",
+        params![account, hash.0.as_slice(), offset as i64, size as i64],
+    )?;
+    Ok(())
+}
+
+/// Appends a Tags record made by the server itself (device 0; its `seq` is the record's own
+/// offset, its `seen` everything before it), e.g. the delivery state of a sent message.
+#[allow(clippy::too_many_arguments)]
+fn server_tags(
+    tx: &Connection,
+    tag_ops: &mut HashMap<(AccountId, DeviceId, u64), LogOffset>,
+    account: AccountId,
+    offset: LogOffset,
+    now: u64,
+    hash: BlobHash,
+    add: Vec<String>,
+    remove: Vec<String>,
+) -> Result<()> {
+    let rec = Record::Tags {
+        hash,
+        add,
+        remove,
+        seen: offset.saturating_sub(1),
+        device: SERVER_DEVICE,
+        seq: offset,
+    };
+    insert_record(tx, account, offset, now, &rec)?;
+    tx.execute(
+        "INSERT INTO tag_ops (account_id, device, seq, offset) VALUES (?1, ?2, ?3, ?4)",
+        params![account, SERVER_DEVICE as i64, offset as i64, offset as i64],
+    )?;
+    tag_ops.insert((account, SERVER_DEVICE, offset), offset);
+    Ok(())
+}
+
+/// The device id of Tags records the server appends on its own (devices count from 1).
+pub const SERVER_DEVICE: DeviceId = 0;
 
 fn insert_record(
     tx: &Connection,

@@ -50,6 +50,10 @@ pub enum Command {
     Tag(TagArgs),
     /// Show server, account, cursor, Head and local message count.
     Status(ProfileArg),
+    /// Send one message from stdin, as sendmail(8) does (also runs when postlog is invoked
+    /// through a link named `sendmail`). Queued in the outbox when the server is offline.
+    #[command(disable_help_flag = true)]
+    Sendmail(SendmailArgs),
     /// Run a self-contained demonstration on loopback, with timings; needs no setup.
     Demo(DemoArgs),
 }
@@ -77,6 +81,10 @@ pub struct ServeArgs {
     /// Accept mail over SMTP (with STARTTLS) on this TCP address (overrides [smtp]).
     #[arg(long, value_name = "ADDR:PORT")]
     pub smtp: Option<SocketAddr>,
+    /// Relay sent mail through this SMTP server (overrides [relay] url):
+    /// smtp://[USER:PASS@]HOST[:PORT] (STARTTLS), smtps://... (TLS), smtp+plain://... (none).
+    #[arg(long, value_name = "URL")]
+    pub relay: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -291,6 +299,13 @@ pub struct TagArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SendmailArgs {
+    /// sendmail(8) options and recipients (`postlog sendmail --help` lists them).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Messages in the generated sample mailbox.
     #[arg(long, default_value_t = 3000)]
@@ -316,5 +331,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(a) => c::status(a).await,
         Command::Tag(a) => c::tag(a).await,
         Command::Demo(a) => crate::demo::run(a).await,
+        Command::Sendmail(a) => Ok(crate::sendmail::run(a.args).await),
     }
 }

@@ -121,8 +121,19 @@ pub async fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
     bar.finish();
     copier.abort();
     let r = result?;
+    let failed = progress.outbox_failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        eprintln!(
+            "warning: the server refused {failed} queued outgoing messages; they are in {}",
+            profile.dir.join("outbox/failed").display()
+        );
+    }
     if a.quiet {
         return Ok(ExitCode::SUCCESS);
+    }
+    let sent = progress.outbox_sent.load(Ordering::Relaxed);
+    if sent > 0 {
+        print!("{sent} queued messages sent; ");
     }
     print!(
         "{} new messages, {:.1} MB, {} records, cursor {}, {:.3} s",

@@ -8,14 +8,25 @@ mod client_cmds;
 mod deliver;
 mod demo;
 mod progress;
+mod sendmail;
 mod server_cmds;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
-    let default_level = match args.command {
-        cli::Command::Serve(_) => "info",
+    // Installed as (or linked to) `sendmail`: behave as sendmail(8), flags and all.
+    let argv: Vec<String> = std::env::args().collect();
+    let as_sendmail = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "sendmail");
+    let args = if as_sendmail {
+        None
+    } else {
+        Some(cli::Cli::parse())
+    };
+    let default_level = match args.as_ref().map(|a| &a.command) {
+        Some(cli::Command::Serve(_)) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -34,6 +45,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let Some(args) = args else {
+        return runtime.block_on(sendmail::run(argv[1..].to_vec()));
+    };
+    if let cli::Command::Sendmail(a) = args.command {
+        return runtime.block_on(sendmail::run(a.args));
+    }
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
         Err(e) => {

@@ -14,6 +14,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         lmtp: a.lmtp,
         lmtp_unix: a.lmtp_socket,
         smtp: a.smtp,
+        relay: a.relay,
     };
     let server = Server::start_with(&a.data.data, opts)
         .with_context(|| format!("starting the server in {}", a.data.data.display()))?;

@@ -80,6 +80,7 @@ replay_tests!(
     maildir_name,
     server_config,
     smtp_session,
+    mail_submission,
 );
 
 /// A new fuzz target needs a test above and a corpus directory; a stray corpus directory

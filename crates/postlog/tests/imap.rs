@@ -131,24 +131,6 @@ impl Drop for Dovecot {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 and localhost signed by it: (CA PEM, server
-/// certificate PEM, server key PEM).
-fn private_ca() -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Postlog test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    (ca.pem(), cert.pem(), key.serialize_pem())
-}
-
 /// Writes a message into a Dovecot Maildir folder (`""` = INBOX, else `.Name`) the way an
 /// MDA does (tmp/, then rename), with Maildir flags and keyword letters (`a` = keyword 0 of
 /// the folder's dovecot-keywords). `flags = None` puts it in new/.
@@ -227,7 +209,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let dir = tmp.path();
     // Dovecot's mail processes (user dovecot) must reach the Maildir below this directory.
     Command::new("chmod").arg("755").arg(dir).status().unwrap();
-    let (ca_pem, cert_pem, key_pem) = private_ca();
+    let (ca_pem, cert_pem, key_pem) = common::private_ca();
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
     let ca = ca_file.to_str().unwrap();

@@ -112,6 +112,22 @@ pub(crate) fn vectors() -> Vec<(&'static str, Vec<u8>)> {
                 new: true,
             }),
         ),
+        (
+            "Request::Send",
+            req(Request::Send {
+                size: 10,
+                from: "a@x.org".into(),
+                recipients: vec!["b@y.org".into()],
+            }),
+        ),
+        (
+            "Response::Sent",
+            resp(Response::Sent {
+                hash: h(2),
+                offset: 11,
+                new: true,
+            }),
+        ),
     ]
 }
 
@@ -305,6 +321,16 @@ fn request() -> impl Strategy<Value = Request> {
                 seen,
                 seq
             }),
+        (
+            any::<u64>(),
+            "[a-z@.]{0,40}",
+            prop::collection::vec("[a-z@.]{1,40}", 0..4)
+        )
+            .prop_map(|(size, from, recipients)| Request::Send {
+                size,
+                from,
+                recipients
+            }),
     ]
 }
 
@@ -329,6 +355,11 @@ fn response() -> impl Strategy<Value = Response> {
         }),
         any::<u64>().prop_map(|size| Response::Blob { size }),
         (any::<u64>(), any::<bool>()).prop_map(|(offset, new)| Response::Tagged { offset, new }),
+        (hash(), any::<u64>(), any::<bool>()).prop_map(|(hash, offset, new)| Response::Sent {
+            hash,
+            offset,
+            new
+        }),
     ]
 }
 

@@ -214,3 +214,21 @@ pub fn run_cli(args: &[&str], env: &[(&str, &Path)]) -> (std::process::ExitStatu
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A CA and a server certificate for 127.0.0.1 and localhost signed by it: (CA PEM, server
+/// certificate PEM, server key PEM).
+pub fn private_ca() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Postlog test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
