@@ -18,8 +18,10 @@
 //! Resumable: per source account and folder, state.db keeps the folder's UIDVALIDITY and the
 //! highest UID whose message (and tag change) the server acknowledged; a batch's UIDs are
 //! checkpointed only once every Store and Tag request of that batch and of all earlier
-//! batches is acknowledged. A new UIDVALIDITY re-reads the folder from the start (harmless:
-//! Store is idempotent by hash). The next run fetches only UIDs above the checkpoint.
+//! batches is acknowledged, together with the tags those requests gave each message
+//! (`imap_known`), so that re-reading a message sends no Tag request for tags it already
+//! got. A new UIDVALIDITY re-reads the folder from the start (harmless: Store is idempotent
+//! by hash). The next run fetches only UIDs above the checkpoint.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -50,6 +52,9 @@ pub const IMAP_BYTES_IN_FLIGHT: u64 = 256 << 20;
 pub const IMAP_BATCH: usize = 256;
 /// How long connecting (TCP, TLS, greeting) may take.
 pub const IMAP_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for the IMAP server's answer to a command, or for the next message of a
+/// FETCH: a server that stops answering ends the import with an error instead of a hang.
+pub const IMAP_READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest IMAP folder name accepted from the server's LIST answer.
 pub const MAX_FOLDER_NAME: usize = 1024;
 
@@ -148,10 +153,11 @@ impl ImapSource {
     }
 }
 
-/// What to copy and how to tag it.
+/// What to copy and how to tag it. Folders are named as the server lists them, or decoded
+/// from modified UTF-7 (`Entwürfe` for `Entw&APw-rfe`).
 #[derive(Clone, Debug, Default)]
 pub struct ImapOptions {
-    /// Folders to copy (exact IMAP names); empty: every selectable folder.
+    /// Folders to copy; empty: every selectable folder.
     pub folders: Vec<String>,
     /// Folder name -> tag, overriding the default folder tag.
     pub folder_tags: HashMap<String, String>,
@@ -193,11 +199,63 @@ pub struct ImapReport {
     pub skipped: Vec<(String, u32, String)>,
 }
 
-/// The tag a folder's messages get, unless configured otherwise.
+/// Decodes a mailbox name from IMAP's modified UTF-7 (RFC 3501 §5.1.3: `&` starts a
+/// modified-base64 run of UTF-16, `-` ends it, `&-` is `&`). A name that is not valid
+/// modified UTF-7 is returned as it is.
+pub fn decode_mailbox_name(name: &str) -> String {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b',' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        let after = &rest[amp + 1..];
+        let Some(dash) = after.find('-') else {
+            return name.to_string();
+        };
+        let run = &after[..dash];
+        if run.is_empty() {
+            out.push('&');
+        } else {
+            let (mut bits, mut nbits, mut units) = (0u32, 0u32, Vec::new());
+            for c in run.bytes() {
+                let Some(v) = sextet(c) else {
+                    return name.to_string();
+                };
+                bits = (bits << 6) | v;
+                nbits += 6;
+                if nbits >= 16 {
+                    nbits -= 16;
+                    units.push((bits >> nbits) as u16);
+                    bits &= (1 << nbits) - 1;
+                }
+            }
+            match String::from_utf16(&units) {
+                Ok(s) => out.push_str(&s),
+                Err(_) => return name.to_string(),
+            }
+        }
+        rest = &after[dash + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The tag a folder's messages get, unless configured otherwise: `inbox` for INBOX, else
+/// the folder's name (decoded from modified UTF-7) with its hierarchy delimiter as `/`.
 pub fn default_folder_tag(folder: &str, delimiter: Option<&str>) -> String {
     if folder.eq_ignore_ascii_case("INBOX") {
         return "inbox".into();
     }
+    let folder = &decode_mailbox_name(folder);
     match delimiter {
         Some(d) if !d.is_empty() && d != "/" => folder.replace(d, "/"),
         _ => folder.to_string(),
@@ -386,6 +444,20 @@ async fn greeting<T: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug>(
     }
 }
 
+/// `fut` (an IMAP command, or reading its next response) within [`IMAP_READ_TIMEOUT`].
+async fn answer<T, E: Into<ImapError>>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ImapError> {
+    match tokio::time::timeout(IMAP_READ_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ImapError::Imap(format!(
+            "no answer from the IMAP server within {} s ({what})",
+            IMAP_READ_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 // ---------------------------------------------------------------- checkpoints
 
 const SCHEMA: &str = "
@@ -394,7 +466,42 @@ CREATE TABLE IF NOT EXISTS imap_folders (
     uidvalidity INTEGER NOT NULL, last_uid INTEGER NOT NULL,
     PRIMARY KEY (source, folder)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS imap_known (hash BLOB PRIMARY KEY, tags TEXT NOT NULL) WITHOUT ROWID;
 ";
+
+/// The tags this profile's importer knows a message has on the server (it stored it with
+/// them, or a Tag request of it added them); empty when it never saw the message.
+fn known_tags(conn: &rusqlite::Connection, hash: &BlobHash) -> Result<Vec<String>, ImapError> {
+    let tags: Option<String> = conn
+        .query_row(
+            "SELECT tags FROM imap_known WHERE hash = ?1",
+            [hash.0.as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(tags
+        .map(|t| t.split('\n').map(str::to_string).collect())
+        .unwrap_or_default())
+}
+
+fn add_known(
+    conn: &rusqlite::Connection,
+    hash: &BlobHash,
+    tags: &[String],
+) -> Result<(), ImapError> {
+    let mut all = known_tags(conn, hash)?;
+    for t in tags {
+        if !all.contains(t) {
+            all.push(t.clone());
+        }
+    }
+    conn.execute(
+        "INSERT INTO imap_known (hash, tags) VALUES (?1, ?2)
+         ON CONFLICT(hash) DO UPDATE SET tags = excluded.tags",
+        params![hash.0.as_slice(), all.join("\n")],
+    )?;
+    Ok(())
+}
 
 /// A folder's checkpoint: (UIDVALIDITY, highest UID acknowledged).
 pub fn checkpoint(
@@ -446,12 +553,14 @@ enum Done {
         bytes: u64,
         hash: BlobHash,
         offset: LogOffset,
-        /// Tags to add if the server already had the message.
-        extra: Vec<String>,
+        /// The initial tags sent.
+        tags: Vec<String>,
     },
     Tagged {
         batch: u64,
         seq: u64,
+        hash: BlobHash,
+        added: Vec<String>,
         result: Result<LogOffset, ClientError>,
     },
     Skipped {
@@ -479,6 +588,9 @@ struct Batch {
     last_uid: u32,
     fetched: bool,
     in_flight: usize,
+    /// Tags acknowledged on the server for messages of this batch, recorded in
+    /// `imap_known` with the checkpoint.
+    known: Vec<(BlobHash, Vec<String>)>,
 }
 
 /// Copies the chosen folders' new messages into the account behind `conn`; `profile_dir`
@@ -494,7 +606,7 @@ pub async fn import_imap(
     state.conn().execute_batch(SCHEMA)?;
     let mut session = open_session(src).await?;
     let result = run(conn, &mut state, &mut session, src, opts, progress).await;
-    let _ = session.logout().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), session.logout()).await;
     result
 }
 
@@ -510,11 +622,14 @@ async fn run(
     // Pass 1: which folders, and which UIDs in them are new.
     let mut listed: Vec<(String, Option<String>)> = Vec::new();
     {
-        let names: Vec<_> = session
-            .list(Some(""), Some("*"))
-            .await?
-            .try_collect()
-            .await?;
+        let names: Vec<_> = answer("LIST", async {
+            session
+                .list(Some(""), Some("*"))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await?;
         for n in names {
             if n.attributes().iter().any(|a| match a {
                 NameAttribute::NoSelect => true,
@@ -533,7 +648,9 @@ async fn run(
         let mut out = Vec::new();
         for want in &opts.folders {
             let found = listed.iter().find(|(n, _)| {
-                n == want || (want.eq_ignore_ascii_case("INBOX") && n.eq_ignore_ascii_case("INBOX"))
+                n == want
+                    || decode_mailbox_name(n) == *want
+                    || (want.eq_ignore_ascii_case("INBOX") && n.eq_ignore_ascii_case("INBOX"))
             });
             match found {
                 Some(f) => out.push(f.clone()),
@@ -553,6 +670,7 @@ async fn run(
         let tag = opts
             .folder_tags
             .get(&name)
+            .or_else(|| opts.folder_tags.get(&decode_mailbox_name(&name)))
             .cloned()
             .unwrap_or_else(|| default_folder_tag(&name, delimiter.as_deref()));
         if !valid_tag(&tag) {
@@ -560,7 +678,7 @@ async fn run(
                 "folder {name:?} would get the invalid tag {tag:?}; choose one with --folder-tag"
             )));
         }
-        let mailbox = session.examine(&name).await?;
+        let mailbox = answer("EXAMINE", session.examine(&name)).await?;
         let uidvalidity = mailbox.uid_validity.unwrap_or(0);
         let (from, rescanned) = match checkpoint(state.conn(), &key, &name)? {
             Some((v, last)) if v == uidvalidity => (last, false),
@@ -571,12 +689,14 @@ async fn run(
             Vec::new()
         } else {
             // `n:*` always matches the highest UID, even below n: filter.
-            session
-                .uid_search(format!("UID {}:*", from.saturating_add(1)))
-                .await?
-                .into_iter()
-                .filter(|u| *u > from)
-                .collect()
+            answer(
+                "UID SEARCH",
+                session.uid_search(format!("UID {}:*", from.saturating_add(1))),
+            )
+            .await?
+            .into_iter()
+            .filter(|u| *u > from)
+            .collect()
         };
         uids.sort_unstable();
         tracing::debug!(folder = %name, uidvalidity, from, new = uids.len(), "IMAP folder");
@@ -616,7 +736,7 @@ async fn run(
             }
             continue;
         }
-        session.examine(&folder.name).await?;
+        answer("EXAMINE", session.examine(&folder.name)).await?;
         for chunk in folder.uids.chunks(IMAP_BATCH) {
             let batch_id = next_batch;
             next_batch += 1;
@@ -626,15 +746,20 @@ async fn run(
                 last_uid: chunk[chunk.len() - 1],
                 fetched: false,
                 in_flight: 0,
+                known: Vec::new(),
             });
             let set = uid_set(chunk);
-            let mut fetches = session.uid_fetch(&set, "(UID FLAGS BODY.PEEK[])").await?;
+            let mut fetches = answer(
+                "UID FETCH",
+                session.uid_fetch(&set, "(UID FLAGS BODY.PEEK[])"),
+            )
+            .await?;
             loop {
-                let fetched = match fetches.try_next().await {
+                let fetched = match answer("UID FETCH", fetches.try_next()).await {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
                     Err(e) => {
-                        failure = Some(e.into());
+                        failure = Some(e);
                         break 'folders;
                     }
                 };
@@ -742,8 +867,7 @@ async fn store(conn: &Connection, batch: u64, uid: u32, body: Vec<u8>, tags: Vec
             bytes: body.len() as u64,
             hash,
             offset,
-            // Never `unread` on a message already there: its first copy decided that.
-            extra: tags.into_iter().filter(|t| t != "unread").collect(),
+            tags,
         },
         Err(ClientError::Server {
             code: Some(c),
@@ -775,39 +899,50 @@ async fn handle(
     let (held, done) = joined.map_err(|e| ImapError::Imap(format!("store task: {e}")))?;
     flight.bytes -= held;
     let batches = &mut flight.batches;
-    let finish = |batches: &mut VecDeque<Batch>, id: u64| {
-        if let Some(b) = batches.iter_mut().find(|b| b.id == id) {
-            b.in_flight -= 1;
-        }
-    };
+    // Marks one request of batch `id` done; `known`: tags now acknowledged for a message.
+    let finish =
+        |batches: &mut VecDeque<Batch>, id: u64, known: Option<(BlobHash, Vec<String>)>| {
+            if let Some(b) = batches.iter_mut().find(|b| b.id == id) {
+                b.in_flight -= 1;
+                b.known.extend(known);
+            }
+        };
     match done {
         Done::Stored {
             batch,
             new: true,
             bytes,
+            hash,
+            tags,
             ..
         } => {
             report.stored += 1;
             report.bytes += bytes;
             progress.done.fetch_add(1, Ordering::Relaxed);
-            finish(batches, batch);
+            finish(batches, batch, Some((hash, tags)));
         }
         Done::Stored {
             batch,
             new: false,
             hash,
             offset,
-            mut extra,
+            tags,
             ..
         } => {
             report.already += 1;
             progress.done.fetch_add(1, Ordering::Relaxed);
-            // Tags this replica already shows for it (when the profile is synced) need no
-            // request: a folder read again after a UIDVALIDITY change costs no Tag records.
+            // Never `unread` on a message already there: its first copy decided that. Tags
+            // the importer added before (a resumed run, a folder read again after a
+            // UIDVALIDITY change) or that the synced replica shows need no request, and a
+            // tag removed in Postlog since is not added back.
+            let known = known_tags(state.conn(), &hash)?;
             let have = State::tags_of(state.conn(), &hash)?.tags();
-            extra.retain(|t| !have.contains(t));
+            let extra: Vec<String> = tags
+                .into_iter()
+                .filter(|t| t != "unread" && !known.contains(t) && !have.contains(t))
+                .collect();
             if extra.is_empty() {
-                finish(batches, batch);
+                finish(batches, batch, None);
             } else {
                 // Queued durably first (a crash leaves it for the next `postlog sync` to
                 // send), with a sequence number of this device that no other op uses.
@@ -823,18 +958,29 @@ async fn handle(
                         .tag(&hash, &extra, &[], offset, seq)
                         .await
                         .map(|(o, _)| o);
-                    (0, Done::Tagged { batch, seq, result })
+                    (
+                        0,
+                        Done::Tagged {
+                            batch,
+                            seq,
+                            hash,
+                            added: extra,
+                            result,
+                        },
+                    )
                 });
             }
         }
         Done::Tagged {
             batch,
             seq,
+            hash,
+            added,
             result: Ok(offset),
         } => {
             State::ack_op(state.conn(), seq, offset)?;
             report.tagged += 1;
-            finish(batches, batch);
+            finish(batches, batch, Some((hash, added)));
         }
         Done::Tagged { result: Err(e), .. } => return Ok(Some(e.into())),
         Done::Skipped { batch, uid, why } => {
@@ -846,7 +992,7 @@ async fn handle(
                 .unwrap_or_default();
             report.skipped.push((folder, uid, why));
             progress.done.fetch_add(1, Ordering::Relaxed);
-            finish(batches, batch);
+            finish(batches, batch, None);
         }
         Done::Failed(e) => return Ok(Some(e.into())),
     }
@@ -862,17 +1008,23 @@ fn advance(
     folders: &[Folder],
 ) -> Result<(), ImapError> {
     let mut last: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut known = Vec::new();
     while let Some(b) = batches.front() {
         if !b.fetched || b.in_flight > 0 {
             break;
         }
         last.insert(b.folder, b.last_uid);
-        batches.pop_front();
+        if let Some(mut b) = batches.pop_front() {
+            known.append(&mut b.known);
+        }
     }
     if last.is_empty() {
         return Ok(());
     }
     let tx = state.conn().transaction()?;
+    for (hash, tags) in &known {
+        add_known(&tx, hash, tags)?;
+    }
     for (fi, uid) in last {
         let f = &folders[fi];
         set_checkpoint(&tx, key, &f.name, f.uidvalidity, uid)?;
@@ -915,6 +1067,20 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
         assert_eq!(uid_set(&[9]), "9");
         assert_eq!(uid_set(&[]), "");
+        // RFC 3501 §5.1.3's example, `&-`, a non-BMP character, and invalid runs kept as-is.
+        assert_eq!(
+            decode_mailbox_name("~peter/mail/&U,BTFw-/&ZeVnLIqe-"),
+            "~peter/mail/台北/日本語"
+        );
+        assert_eq!(decode_mailbox_name("Entw&APw-rfe"), "Entwürfe");
+        assert_eq!(decode_mailbox_name("Tom &- Jerry"), "Tom & Jerry");
+        assert_eq!(decode_mailbox_name("&2D3eAA-"), "\u{1F600}");
+        assert_eq!(decode_mailbox_name("bad&run"), "bad&run");
+        assert_eq!(decode_mailbox_name("bad&!!-"), "bad&!!-");
+        assert_eq!(
+            default_folder_tag("Lists.&AOk-t&AOk-", Some(".")),
+            "Lists/été"
+        );
     }
 
     #[test]
@@ -936,6 +1102,7 @@ mod tests {
             last_uid,
             fetched,
             in_flight,
+            known: vec![(BlobHash([id as u8; 32]), vec![format!("t{id}")])],
         };
         let mut q: VecDeque<Batch> = [
             batch(0, 0, 256, true, 1),
@@ -957,5 +1124,11 @@ mod tests {
         advance(&mut q, &mut state, "k", &folders).unwrap();
         assert_eq!(at(&mut state, "Archive"), Some((9, 50)));
         assert!(q.is_empty());
+        // The tags acknowledged in those batches are remembered with the checkpoints.
+        let c = state.conn();
+        assert_eq!(known_tags(c, &BlobHash([1; 32])).unwrap(), vec!["t1"]);
+        add_known(c, &BlobHash([1; 32]), &["x".to_string(), "t1".to_string()]).unwrap();
+        assert_eq!(known_tags(c, &BlobHash([1; 32])).unwrap(), vec!["t1", "x"]);
+        assert!(known_tags(c, &BlobHash([5; 32])).unwrap().is_empty());
     }
 }

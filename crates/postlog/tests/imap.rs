@@ -214,8 +214,8 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     std::fs::write(&ca_file, &ca_pem).unwrap();
     let ca = ca_file.to_str().unwrap();
 
-    // The source account: three folders, flags and keywords, one message in two folders,
-    // and a bulk folder larger than one UID batch.
+    // The source account: five folders (one named in modified UTF-7), flags and keywords,
+    // one message in two folders, and a bulk folder larger than one UID batch.
     let dv_dir = dir.join("dovecot");
     std::fs::create_dir_all(&dv_dir).unwrap();
     let md = dv_dir.join("home/Maildir");
@@ -235,6 +235,8 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     put("archived", "Archive", m(6, 2000), Some("S"));
     put("archived-unread", "Archive", m(7, 2000), Some(""));
     put("list", "Lists.rust", m(8, 2000), Some("S"));
+    // A folder name in IMAP's modified UTF-7, as Dovecot keeps it on disk and lists it.
+    put("umlaut", "Entw&APw-rfe", m(10, 2000), Some("DS"));
     std::fs::write(md.join("dovecot-keywords"), "0 $Important\n1 work\n").unwrap();
     let mut bulk = BTreeSet::new();
     for i in 0..600 {
@@ -255,12 +257,12 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let pw = dir.join("imap-password");
     std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
     let (imaps, imap) = (dovecot.imaps.to_string(), dovecot.imap.to_string());
-    let import = |port: &str, tls: &str, password_file: &Path, extra: &[&str]| {
-        let mut args = vec![
+    let import_args = |profile: &Path, port: &str, tls: &str, pw: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = [
             "import",
             "imap",
             "--profile",
-            importer.to_str().unwrap(),
+            profile.to_str().unwrap(),
             "--host",
             "127.0.0.1",
             "--port",
@@ -270,19 +272,26 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
             "--tls",
             tls,
             "--password-file",
-            password_file.to_str().unwrap(),
+            pw.to_str().unwrap(),
             "--folder-tag",
             "Lists.rust=rust",
-        ];
-        args.extend_from_slice(extra);
-        cli(&args)
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let import = |port: &str, tls: &str, pw: &Path, extra: &[&str]| {
+        let args = import_args(&importer, port, tls, pw, extra);
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
 
     // 1. First run, implicit TLS verified against the private CA.
     let (ok, out, err) = import(&imaps, "implicit", &pw, &["--ca-file", ca]);
     assert!(ok, "first import: {err}");
     assert!(
-        out.starts_with("610 new in 4 folders, 609 stored, 1 already there (1 tagged), 0 skipped"),
+        out.starts_with("611 new in 5 folders, 610 stored, 1 already there (1 tagged), 0 skipped"),
         "{out}"
     );
     let want: BTreeMap<String, BTreeSet<String>> = [
@@ -295,6 +304,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
         ("archived", set(&["Archive"])),
         ("archived-unread", set(&["Archive", "unread"])),
         ("list", set(&["rust"])),
+        ("umlaut", set(&["Entwürfe", "draft"])),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -328,7 +338,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imap, "starttls", &pw, &["--ca-file", ca]);
     assert!(ok, "second import: {err}");
     assert!(
-        out.starts_with("0 new in 4 folders, 0 stored, 0 already there"),
+        out.starts_with("0 new in 5 folders, 0 stored, 0 already there"),
         "{out}"
     );
     let (ok, out, _) = cli(&["sync", "--profile", reader.to_str().unwrap()]);
@@ -347,7 +357,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imaps, "implicit", &pw, &["--ca-file", ca]);
     assert!(ok, "third import: {err}");
     assert!(
-        out.starts_with("2 new in 4 folders, 1 stored, 1 already there (1 tagged), 0 skipped"),
+        out.starts_with("2 new in 5 folders, 1 stored, 1 already there (1 tagged), 0 skipped"),
         "{out}"
     );
     let mut want = want;
@@ -356,10 +366,8 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     assert_eq!(tags_of(&reader, &hashes), want);
 
     // 4. A folder whose UIDVALIDITY changed (here: the checkpoint says another one) is read
-    //    again from the start; Store is idempotent, and a synced importer knows the tags
-    //    are there already, so nothing at all is appended.
-    let (ok, _, err) = cli(&["sync", "--profile", importer.to_str().unwrap(), "-q"]);
-    assert!(ok, "{err}");
+    //    again from the start; Store is idempotent, and the importer remembers which tags
+    //    it gave each message, so nothing at all is appended.
     let db = rusqlite::Connection::open(importer.join("state.db")).unwrap();
     let changed = db
         .execute(
@@ -372,7 +380,7 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
     let (ok, out, err) = import(&imaps, "implicit", &pw, &["--ca-file", ca]);
     assert!(ok, "import after a UIDVALIDITY change: {err}");
     assert!(
-        out.starts_with("3 new in 4 folders, 0 stored, 3 already there (0 tagged)"),
+        out.starts_with("3 new in 5 folders, 0 stored, 3 already there (0 tagged)"),
         "{out}"
     );
     assert!(err.contains("Archive: UIDVALIDITY changed"), "{err}");
@@ -421,6 +429,55 @@ async fn import_from_dovecot_with_tags_resume_and_errors() {
         ok && out.starts_with("0 new messages, 0.0 MB, 0 records"),
         "{out}"
     );
+
+    // 6. SIGKILL mid-import, into another account: the next run completes it, and every
+    //    message is there once, with its tags.
+    let bob = server.account("bob");
+    let (importer2, reader2) = (dir.join("importer2"), dir.join("reader2"));
+    for p in [&importer2, &reader2] {
+        let url = server.account("bob");
+        let (ok, _, err) = cli(&["login", &url.to_url(), "--profile", p.to_str().unwrap()]);
+        assert!(ok, "login: {err}");
+    }
+    let args = import_args(&importer2, &imaps, "implicit", &pw, &["--ca-file", ca]);
+    let mut child = Command::new(common::bin())
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = postlog_client::Endpoint::new(&bob.fingerprint).unwrap();
+    let conn = common::connect_retry(&endpoint, &bob).await;
+    // Kill it once the server holds part of the mail (or when it already finished).
+    loop {
+        if conn.head().await.unwrap() >= 200 || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    let killed_at = conn.head().await.unwrap();
+    conn.close();
+    let (ok, out, err) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        ok,
+        "import after SIGKILL (killed at head {killed_at}): {err}"
+    );
+    assert!(out.contains(" stored, "), "{out}");
+    eprintln!("SIGKILL at head {killed_at}; then: {out}");
+    assert_eq!(tags_of(&reader2, &hashes), want);
+    let (mut on_disk, mut files) = (BTreeSet::new(), 0);
+    for sub in ["cur", "new"] {
+        for e in std::fs::read_dir(reader2.join("mail").join(sub)).unwrap() {
+            on_disk.insert(BlobHash::of(&std::fs::read(e.unwrap().path()).unwrap()));
+            files += 1;
+        }
+    }
+    all.insert(BlobHash::of(&fresh));
+    assert_eq!(on_disk, all);
+    assert_eq!(files, all.len(), "one file per message");
     server.stop().await;
     drop(dovecot);
 }
