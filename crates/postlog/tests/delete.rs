@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{cli, p};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,25 +16,6 @@ use std::time::Duration;
 
 use postlog_client::{Connection, Endpoint, LogItem, LoginUrl};
 use postlog_proto::{BlobHash, LogOffset, Record};
-
-fn cli(args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(args)
-        .env("POSTLOG_CONNECT_TIMEOUT", "1")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "postlog {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// The messages in a replica's Maildir, by the hash their file names start with.
 fn maildir_hashes(profile: &Path) -> BTreeSet<String> {

@@ -187,27 +187,6 @@ fn sendmail(
     )
 }
 
-fn cli(args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(args)
-        .env("POSTLOG_CONNECT_TIMEOUT", "2")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "postlog {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tags_of(profile: &Path, h: &BlobHash) -> Vec<String> {
-    cli(&["tag", "--profile", profile.to_str().unwrap(), &h.to_hex()])
-        .lines()
-        .map(String::from)
-        .collect()
-}
-
 /// Every message file of a Maildir: hash prefix of the name -> bytes.
 fn maildir(mail: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -258,7 +237,7 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
     let mut server = common::ServerProcess::spawn(&data, addr);
     let (pa, pb) = (dir.path().join("A"), dir.path().join("B"));
     for (url, p) in [(&url_a, &pa), (&url_b, &pb)] {
-        cli(&["login", &url.to_string(), "--profile", p.to_str().unwrap()]);
+        common::cli(&["login", &url.to_string(), "--profile", p.to_str().unwrap()]);
     }
     let postlog = Path::new(common::bin());
     let link = dir.path().join("bin/sendmail");
@@ -337,7 +316,7 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
     )
     .await
     .close();
-    cli(&["sync", "-q", "--profile", pa.to_str().unwrap()]);
+    common::cli(&["sync", "-q", "--profile", pa.to_str().unwrap()]);
     assert!(
         !std::fs::read_dir(pa.join("outbox"))
             .unwrap()
@@ -395,10 +374,10 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
     // 7. Device B sees every sent message (tagged sent, and how it ended) and the bounce.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        cli(&["sync", "-q", "--profile", pb.to_str().unwrap()]);
+        common::cli(&["sync", "-q", "--profile", pb.to_str().unwrap()]);
         let settled = queued
             .iter()
-            .all(|(_, m)| tags_of(&pb, &BlobHash::of(m)).contains(&"delivered".to_string()));
+            .all(|(_, m)| common::tags(&pb, &BlobHash::of(m)).contains("delivered"));
         if settled {
             break;
         }
@@ -411,15 +390,15 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
     let files = maildir(&pb.join("mail"));
     for (name, h) in &sent {
         assert!(files.contains_key(&h.to_hex()), "{name} is in B's Maildir");
-        let tags = tags_of(&pb, h);
-        assert!(tags.contains(&"sent".to_string()), "{name}: {tags:?}");
-        assert!(!tags.contains(&"queued".to_string()), "{name}: {tags:?}");
+        let tags = common::tags(&pb, h);
+        assert!(tags.contains("sent"), "{name}: {tags:?}");
+        assert!(!tags.contains("queued"), "{name}: {tags:?}");
         let end = if *name == "m2" {
             "bounced"
         } else {
             "delivered"
         };
-        assert!(tags.contains(&end.to_string()), "{name}: {tags:?}");
+        assert!(tags.contains(end), "{name}: {tags:?}");
     }
     assert_eq!(
         files.get(&sent[0].1.to_hex()).unwrap(),
@@ -438,7 +417,7 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
         "one bounce, for the refused recipient only"
     );
     let bounce_hash: BlobHash = bounces[0].0.parse().unwrap();
-    assert!(tags_of(&pb, &bounce_hash).contains(&"bounce".to_string()));
+    assert!(common::tags(&pb, &bounce_hash).contains("bounce"));
     let text = String::from_utf8_lossy(bounces[0].1);
     assert!(
         text.contains("multipart/report") && !text.contains("bob@example.net>:"),
@@ -448,7 +427,7 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
     // 8. Deleting a sent message takes its Send record and queue rows with it: nothing of
     // it stays in the server's data directory, and verify passes.
     let h = sent[1].1;
-    cli(&["delete", "--profile", pa.to_str().unwrap(), &h.to_hex()]);
+    common::cli(&["delete", "--profile", pa.to_str().unwrap(), &h.to_hex()]);
     server.terminate();
     let hits = common::traces(&data, &[&h.0, h.to_hex().as_bytes()]);
     assert!(

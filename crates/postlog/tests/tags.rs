@@ -5,53 +5,9 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::Command;
+use common::{cli, file_of, p, set, tags};
 
 use postlog_proto::BlobHash;
-
-fn cli(args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(args)
-        .env("POSTLOG_CONNECT_TIMEOUT", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "postlog {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// The file of message `h` in a Maildir: (`cur` or `new`, file name).
-fn file_of(mail: &Path, h: &BlobHash) -> (String, String) {
-    for sub in ["cur", "new"] {
-        for e in std::fs::read_dir(mail.join(sub)).unwrap() {
-            let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            if name.starts_with(&h.to_hex()) {
-                return (sub.to_string(), name);
-            }
-        }
-    }
-    panic!("no file for {h}");
-}
-
-fn tags(profile: &Path, h: &BlobHash) -> BTreeSet<String> {
-    cli(&["tag", "--profile", p(profile), &h.to_hex()])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn set(v: &[&str]) -> BTreeSet<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maildir_flags_and_tag_command_converge_across_replicas() {

@@ -256,3 +256,59 @@ pub fn traces(root: &Path, needles: &[&[u8]]) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// Runs the CLI and asserts it succeeded; returns its stdout followed by its stderr.
+pub fn cli(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .env("POSTLOG_CONNECT_TIMEOUT", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "postlog {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The file of message `h` in a Maildir: (`cur` or `new`, file name).
+pub fn file_of(mail: &Path, h: &postlog_proto::BlobHash) -> (String, String) {
+    for sub in ["cur", "new"] {
+        for e in std::fs::read_dir(mail.join(sub)).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.starts_with(&h.to_hex()) {
+                return (sub.to_string(), name);
+            }
+        }
+    }
+    panic!("no file for {h}");
+}
+
+/// A message's tags on a replica, as `postlog tag HASH` prints them (stdout, one a line).
+pub fn tags(profile: &Path, h: &postlog_proto::BlobHash) -> std::collections::BTreeSet<String> {
+    let out = Command::new(bin())
+        .args(["tag", "--profile", p(profile), &h.to_hex()])
+        .env("POSTLOG_CONNECT_TIMEOUT", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "postlog tag failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn set(v: &[&str]) -> std::collections::BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
