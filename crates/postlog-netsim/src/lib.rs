@@ -440,21 +440,22 @@ async fn front_loop(
                 bytes: bytes.to_vec(),
             });
         }
-        if !flows.contains_key(&from) {
-            match new_flow(&front, upstream, from, &shared).await {
-                Ok((flow, handles)) => {
-                    lock(&tasks).extend(handles);
-                    flows.insert(from, flow);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "proxy: cannot open an upstream socket");
-                    continue;
+        let flow = match flows.entry(from) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                match new_flow(&front, upstream, from, &shared).await {
+                    Ok((flow, handles)) => {
+                        lock(&tasks).extend(handles);
+                        v.insert(flow)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proxy: cannot open an upstream socket");
+                        continue;
+                    }
                 }
             }
-        }
-        if let Some(flow) = flows.get(&from) {
-            shared.route(bytes, &flow.to_server);
-        }
+        };
+        shared.route(bytes, &flow.to_server);
     }
 }
 

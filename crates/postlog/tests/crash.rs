@@ -142,6 +142,15 @@ async fn sigkill_during_stores_loses_nothing_acknowledged() {
         lost.len(),
         recovered,
     );
+    common::reliability(
+        "crash::sigkill_during_stores_loses_nothing_acknowledged",
+        &format!("kill -9 of the server during Stores from {WORKERS} clients (seed {seed})"),
+        KILLS as u64,
+        acked.len() as u64,
+        lost.len() as u64,
+        duplicates as u64,
+        unknown as u64,
+    );
     // At least one acknowledgement per server lifetime on average, or the test says nothing.
     assert!(
         acked.len() >= KILLS,
