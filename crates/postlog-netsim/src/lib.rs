@@ -175,6 +175,8 @@ pub struct Stats {
     pub reordered: AtomicU64,
     /// Datagrams the proxy could not send on (the socket refused them).
     pub send_errors: AtomicU64,
+    /// Client source addresses seen (a client that rebinds adds one).
+    pub flows: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -188,6 +190,7 @@ pub struct StatsSnapshot {
     pub duplicated: u64,
     pub reordered: u64,
     pub send_errors: u64,
+    pub flows: u64,
 }
 
 impl Stats {
@@ -202,6 +205,7 @@ impl Stats {
             duplicated: l(&self.duplicated),
             reordered: l(&self.reordered),
             send_errors: l(&self.send_errors),
+            flows: l(&self.flows),
         }
     }
 }
@@ -210,7 +214,9 @@ impl std::fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "datagrams={} delivered={} bytes={} lost={} blacked_out={} duplicated={} reordered={}",
+            "flows={} datagrams={} delivered={} bytes={} lost={} blacked_out={} duplicated={} \
+             reordered={}",
+            self.flows,
             self.received,
             self.delivered,
             self.bytes,
@@ -467,6 +473,7 @@ async fn new_flow(
 ) -> std::io::Result<(Flow, Vec<JoinHandle<()>>)> {
     let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     up.connect(upstream).await?;
+    shared.stats.flows.fetch_add(1, Ordering::Relaxed);
     let (to_server, rx) = mpsc::unbounded_channel();
     let (to_client, rx_back) = mpsc::unbounded_channel();
     let h1 = tokio::spawn(scheduler(rx, up.clone(), None, shared.clone()));

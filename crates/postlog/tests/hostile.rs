@@ -1,6 +1,7 @@
 //! Hostile networks: real QUIC clients and an in-process server, with the impairment proxy
 //! (`postlog-netsim`) between them. Under each scenario (50 ms RTT, 2% and 10% loss,
-//! reordering with duplication, a 2-second blackout mid-transfer) two fresh replicas make a
+//! reordering with duplication, a 2-second blackout mid-transfer, connection migration
+//! mid-transfer) two fresh replicas make a
 //! full sync of 5,000 messages and then tag the same messages concurrently; both must end
 //! complete (every hash, no duplicate, no tmp leftover) and in identical tag state, and the
 //! server must hold exactly one record per tag change.
@@ -29,8 +30,10 @@ const MS: Duration = Duration::from_millis(1);
 struct Scenario {
     name: &'static str,
     impairment: Impairment,
-    /// Black the link out for 2 s once a replica has this many messages.
+    /// Black the link out for 2 s once about this many messages have passed the proxy.
     blackout_at: Option<u64>,
+    /// Move both replicas to new local sockets (connection migration) at that point.
+    rebind_at: Option<u64>,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -43,6 +46,7 @@ fn scenarios() -> Vec<Scenario> {
             name: "rtt-50ms",
             impairment: base(50, 1),
             blackout_at: None,
+            rebind_at: None,
         },
         Scenario {
             name: "loss-2pct",
@@ -51,6 +55,7 @@ fn scenarios() -> Vec<Scenario> {
                 ..base(4, 2)
             },
             blackout_at: None,
+            rebind_at: None,
         },
         Scenario {
             name: "loss-10pct",
@@ -59,6 +64,7 @@ fn scenarios() -> Vec<Scenario> {
                 ..base(4, 3)
             },
             blackout_at: None,
+            rebind_at: None,
         },
         Scenario {
             name: "reorder-dup",
@@ -70,11 +76,19 @@ fn scenarios() -> Vec<Scenario> {
                 ..base(4, 4)
             },
             blackout_at: None,
+            rebind_at: None,
         },
         Scenario {
             name: "blackout-2s",
             impairment: base(10, 5),
             blackout_at: Some(MESSAGES as u64 / 4),
+            rebind_at: None,
+        },
+        Scenario {
+            name: "migration",
+            impairment: base(10, 6),
+            blackout_at: None,
+            rebind_at: Some(MESSAGES as u64 / 4),
         },
     ]
 }
@@ -199,19 +213,26 @@ async fn full_sync_and_concurrent_tags_survive_impaired_networks() {
 
         // 1. Full sync of both replicas at once (with a blackout mid-transfer if asked).
         let blackout = async {
-            let at = sc.blackout_at?;
-            // Watch the proxy's counters: the blackout starts once mail is flowing.
+            let at = sc.blackout_at.or(sc.rebind_at)?;
+            // Watch the proxy's counters: the event comes once mail is flowing.
             while proxy.stats().bytes < at * 1500 {
                 tokio::time::sleep(MS).await;
             }
-            proxy.blackout(Duration::from_secs(2));
+            if sc.blackout_at.is_some() {
+                proxy.blackout(Duration::from_secs(2));
+            } else {
+                // Both laptops change networks mid-transfer: the proxy sees new source
+                // addresses (new upstream sockets), the server a migrating connection.
+                ea.rebind().unwrap();
+                eb.rebind().unwrap();
+            }
             Some(proxy.stats().bytes)
         };
         let ((pa, ra), (pb, rb), blacked) = tokio::join!(sync(&a, &ea), sync(&b, &eb), blackout);
         if let Some(bytes) = blacked {
             assert!(
                 bytes < (2 * MESSAGES * 1000) as u64,
-                "the blackout began mid-transfer"
+                "the blackout or rebind came mid-transfer"
             );
         }
         let mut lost = 0;
@@ -279,7 +300,7 @@ async fn full_sync_and_concurrent_tags_survive_impaired_networks() {
             2 * TAGGED
         );
         common::reliability(
-            &format!("netsim::{}", sc.name),
+            &format!("hostile::full_sync_and_concurrent_tags::{}", sc.name),
             &format!(
                 "full sync of {MESSAGES} messages to 2 replicas + {} concurrent tag changes \
                  through the UDP proxy ({})",
@@ -302,6 +323,8 @@ async fn full_sync_and_concurrent_tags_survive_impaired_networks() {
             "loss-2pct" | "loss-10pct" => assert!(s.lost > 0),
             "reorder-dup" => assert!(s.reordered > 0 && s.duplicated > 0),
             "blackout-2s" => assert!(s.blacked_out > 0),
+            // Two replicas, each from a second socket after the rebind.
+            "migration" => assert!(s.flows >= 4, "{s}"),
             _ => {}
         }
     }
@@ -328,6 +351,9 @@ fn describe(sc: &Scenario) -> String {
     }
     if sc.blackout_at.is_some() {
         parts.push("2 s blackout mid-transfer".into());
+    }
+    if sc.rebind_at.is_some() {
+        parts.push("both clients rebind to new sockets mid-transfer".into());
     }
     format!("{}; seed {}", parts.join(", "), i.seed)
 }
