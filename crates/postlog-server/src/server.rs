@@ -407,7 +407,10 @@ async fn authenticate(
     };
     let (account, device, secret) = request;
     let ip = conn.remote_address().ip();
-    let admit = lock(&shared.throttle).admit(ip, &account, std::time::Instant::now());
+    // Failure delays count from here, so the secret check's own time (or its absence for a
+    // refused attempt) does not show in when the answer comes.
+    let arrived = std::time::Instant::now();
+    let admit = lock(&shared.throttle).admit(ip, &account, arrived);
     let verdict = match admit {
         Admit::Check => {
             let store = shared.store.clone();
@@ -435,7 +438,7 @@ async fn authenticate(
             Ok(Some((id, device)))
         }
         Ok(None) => {
-            let at = lock(&shared.throttle).failed(ip, &account, std::time::Instant::now());
+            let at = lock(&shared.throttle).failed(ip, &account, arrived);
             tracing::info!(%account, device, remote = %conn.remote_address(), refused = (admit == Admit::Refuse), "authentication failed");
             tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
             let msg = "authentication failed: unknown account or device, or wrong secret";

@@ -106,7 +106,9 @@ impl Bucket {
         } else {
             self.tokens = burst as f64;
         }
-        self.refilled = now;
+        // Callers may pass an earlier time than the last one (an attempt that arrived
+        // before another was recorded): never move the refill clock back.
+        self.refilled = self.refilled.max(now);
     }
 
     fn idle(&self, burst: u32, now: Instant) -> bool {
