@@ -10,7 +10,9 @@
 #   2. the machine's durable-copy limit (same files, one barrier) and BLAKE3 of all files;
 #   3. no-change sync, repeated, wall time including process start;
 #   4. incremental sync of 100 new messages;
-#   5. push latency to a `postlog sync --watch` client.
+#   5. push latency to a `postlog sync --watch` client;
+#   6. no-change and incremental sync again at --rtt-ms (default 50 ms) round-trip time,
+#      both tools behind the same postlog-netsim delay proxy (UDP for Postlog, TCP for IMAP).
 # It installs dovecot-imapd and isync when missing, builds postlog and postlog-bench in
 # release, and stops everything it started and removes its work directory on exit.
 # Needs root (apt, and Dovecot switches to its own users). Page caches are NOT dropped:
@@ -27,6 +29,9 @@ usage: bench/sync-vs-mbsync.sh [options]
   --noop-runs K     no-change sync runs per tool (default 20)
   --inc-rounds R    incremental rounds of 100 new messages (default 3)
   --push M          messages for the push-latency measurement (default 50)
+  --rtt-ms MS       round-trip time for the no-change/incremental runs through the delay
+                    proxies (default 50; 0 = skip them)
+  --rtt-runs K      no-change sync runs per tool at that RTT (default 5)
   --quiet-cpu PCT   before each timed run, wait while other processes use more than PCT%
                     of the CPUs (default 25) ...
   --max-wait S      ... but at most S seconds over the whole run (default 600)
@@ -42,6 +47,7 @@ EOF
 }
 
 N=10000 SEED=1 REPS="" NOOP_RUNS=20 INC_ROUNDS=3 INC_N=100 PUSH_M=50 QUIET_CPU=25 MAX_WAIT=600
+RTT_MS=50 RTT_RUNS=5
 PREFAULT_MB=""
 WORKDIR="" OUT="" KEEP=0 BUILD=1 INSTALL=1 BIN_DIR=""
 while (($#)); do
@@ -52,6 +58,8 @@ while (($#)); do
     --noop-runs) NOOP_RUNS=$2; shift 2 ;;
     --inc-rounds) INC_ROUNDS=$2; shift 2 ;;
     --push) PUSH_M=$2; shift 2 ;;
+    --rtt-ms) RTT_MS=$2; shift 2 ;;
+    --rtt-runs) RTT_RUNS=$2; shift 2 ;;
     --quiet-cpu) QUIET_CPU=$2; shift 2 ;;
     --max-wait) MAX_WAIT=$2; shift 2 ;;
     --prefault) PREFAULT_MB=$2; shift 2 ;;
@@ -108,7 +116,7 @@ chmod 755 "$W" # Dovecot's mail processes run as user dovecot and must reach its
 # Run private copies of the binaries: on a shared checkout someone may rebuild target/ while
 # this runs, and every measurement must use the same build.
 mkdir -p "$W/bin"
-for b in postlog make-corpus durable-copy hash-all push-latency; do
+for b in postlog make-corpus durable-copy hash-all push-latency netsim; do
     [[ -x $BIN/$b ]] || die "$BIN/$b missing: build with cargo build --release -p postlog -p postlog-bench"
     cp "$BIN/$b" "$W/bin/"
 done
@@ -463,6 +471,61 @@ for ((r = 0; r < INC_ROUNDS; r++)); do
 done
 INC_BG=$(maxof "${BGS[@]}")
 
+# ---------------------------------------------------------------- 4b: at an RTT
+# The same replicas, reached through postlog-netsim delay proxies: UDP in front of the
+# Postlog server, TCP in front of Dovecot, each adding RTT_MS of round-trip time.
+RTT_DONE=0
+if ((RTT_MS > 0)); then
+    log "no-change ($RTT_RUNS runs) and incremental sync at $RTT_MS ms RTT"
+    "$BIN/netsim" udp "127.0.0.1:$UDP_PORT" "$RTT_MS" >"$W/netsim-udp.addr" 2>"$W/netsim-udp.log" &
+    PIDS+=($!)
+    "$BIN/netsim" tcp "127.0.0.1:$IMAP_PORT" "$RTT_MS" >"$W/netsim-tcp.addr" 2>"$W/netsim-tcp.log" &
+    PIDS+=($!)
+    for _ in $(seq 100); do
+        [[ -s $W/netsim-udp.addr && -s $W/netsim-tcp.addr ]] && break
+        sleep 0.1
+    done
+    UDP_PROXY=$(head -n 1 "$W/netsim-udp.addr")
+    TCP_PROXY_PORT=$(head -n 1 "$W/netsim-tcp.addr" | sed 's/.*://')
+    [[ -n $UDP_PROXY && -n $TCP_PROXY_PORT ]] || die "the netsim proxies did not start"
+    cp "$PL_T/profile/profile.toml" "$W/profile.toml.loopback"
+    sed -i "s|^server = .*|server = \"$UDP_PROXY\"|" "$PL_T/profile/profile.toml"
+    sed "s/^Port .*/Port $TCP_PROXY_PORT/" "$MB_T.mbsyncrc" >"$MB_T.rtt.mbsyncrc"
+    declare -a RTT_PL RTT_MB
+    for ((i = 1; i <= RTT_RUNS; i++)); do
+        settle light
+        timed "$W/rtt-noop-pl.out" pl_sync "$PL_T"
+        RTT_PL+=("$T")
+        settle light
+        timed "$W/rtt-noop-mb.out" mbsync -q -c "$MB_T.rtt.mbsyncrc" -a
+        RTT_MB+=("$T")
+    done
+    I=$W/inc-rtt
+    "$BIN/make-corpus" --seed "$SEED" --from $((N + INC_ROUNDS * INC_N + 2000)) --messages "$INC_N" --out "$I" >"$I.out"
+    "$BIN/postlog" import maildir "$I" --profile "$STORE/profile" -q >"$I.import.out"
+    grep -q "^$INC_N found, $INC_N stored" "$I.import.out" || { cat "$I.import.out" >&2; die "incremental import failed"; }
+    for f in "$I"/new/*; do
+        b=$(basename "$f")
+        cp "$f" "$DV/home/Maildir/tmp/$b"
+        chown dovecot:dovecot "$DV/home/Maildir/tmp/$b"
+        mv "$DV/home/Maildir/tmp/$b" "$DV/home/Maildir/new/$b"
+    done
+    settle
+    timed "$I.pl.out" pl_sync "$PL_T"
+    RTT_INC_PL=$T
+    settle
+    timed "$I.mb.out" mbsync -q -c "$MB_T.rtt.mbsyncrc" -a
+    RTT_INC_MB=$T
+    want=$((N + (INC_ROUNDS + 1) * INC_N))
+    [[ $(count_mail "$PL_T/mail") == "$want" && $(count_mail "$MB_T/INBOX") == "$want" ]] ||
+        die "incremental at $RTT_MS ms RTT: message counts differ from $want"
+    cp "$W/profile.toml.loopback" "$PL_T/profile/profile.toml"
+    rp=$(pct 50 "${RTT_PL[@]}") rm_=$(pct 50 "${RTT_MB[@]}")
+    rtt_s=$(calc %.6f "$RTT_MS / 1000")
+    log "at $RTT_MS ms RTT: no-change postlog p50 $rp s, mbsync p50 $rm_ s; incremental postlog $RTT_INC_PL s, mbsync $RTT_INC_MB s"
+    RTT_DONE=1
+fi
+
 # ---------------------------------------------------------------- 5: push latency
 log "push latency: $PUSH_M messages to a watching client"
 "$BIN/postlog" sync --watch --profile "$PL_T/profile" 2>"$W/watch.log" &
@@ -516,6 +579,11 @@ inc_bytes=$(med "${INC_BYTES[@]}")
 # Incremental target: the no-change sync (process start, connect, one round trip) plus one
 # more round trip (loopback: negligible) plus moving the new bytes at the full-sync rate.
 inc_target=$(calc %.6f "$np50 + $inc_bytes / ($BYTES / $pl)")
+RTT_ROWS=""
+if ((RTT_DONE)); then
+    RTT_ROWS="| No-change sync at $RTT_MS ms RTT (netsim proxies), p50 ms ($RTT_RUNS runs) | $(ms "$rp") ($(calc %.1f "$rp / $rtt_s") RTT) | $(ms "$rm_") ($(calc %.1f "$rm_ / $rtt_s") RTT) | | 1 RTT resumed; 2 RTT from a new process (PROTOCOL.md §11) | mbsync/postlog $(calc %.1fx "$rm_ / $rp") | |
+| Incremental $INC_N msgs at $RTT_MS ms RTT, ms | $(ms "$RTT_INC_PL") ($(calc %.1f "$RTT_INC_PL / $rtt_s") RTT) | $(ms "$RTT_INC_MB") ($(calc %.1f "$RTT_INC_MB / $rtt_s") RTT) | | 2 RTT + transfer | mbsync/postlog $(calc %.1fx "$RTT_INC_MB / $RTT_INC_PL") | |"
+fi
 HOST_INFO="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r)"
 VERS="$VERS_PL (binary built $BUILT), $(mbsync --version), Dovecot $(dovecot --version | cut -d' ' -f1)"
 
@@ -547,6 +615,7 @@ run up to $PREFAULT_MB MB of memory (no more than was free) was touched and free
 | No-change sync p50 / p90, ms ($NOOP_RUNS runs) | $(ms "$np50") / $(ms "$np90") | $(ms "$nm50") / $(ms "$nm90") | | < 20 ms, flat 10k→100k | mbsync/postlog $(calc %.1fx "$nm50 / $np50") | $(ok "$np50 < 0.020") (p50) |
 | Incremental, $INC_N new msgs ($(calc %.1f "$inc_bytes / 1e6") MB), ms ($INC_ROUNDS rounds) | $(ms "$ipl") [$(ms "$(minof "${INC_PL[@]}")")–$(ms "$(maxof "${INC_PL[@]}")")] | $(ms "$imb") | $(ms "$imbnf") | 2 RTT + transfer ≈ $(ms "$inc_target") | $(calc %.2fx "$ipl / $inc_target") of target; mbsync/postlog $(calc %.1fx "$imb / $ipl") | $(ok "$ipl <= $inc_target * 1.1") |
 $PUSH_ROWS
+$RTT_ROWS
 | Import (postlog import maildir), not compared | $(calc %.2f "$IMPORT_S") s, $(calc %.0f "$N / $IMPORT_S") msg/s, $(mbps "$IMPORT_S") MB/s (background CPU $IMPORT_BG%) | | | | | |
 
 Incremental target = no-change p50 (process start + connect + 1 RTT) + 1 RTT (loopback, ~0)

@@ -319,6 +319,8 @@ fn config_to_toml(cfg: &ServerConfig) -> String {
         "max_connections".into(),
         int("max_connections", d.max_connections as u64),
     );
+    delivery.insert("command_timeout".into(), d.command_timeout.clone().into());
+    delivery.insert("session_timeout".into(), d.session_timeout.clone().into());
     t.insert("delivery".into(), delivery.into());
     let r = &cfg.retention;
     let rules = |rules: &[postlog_server::config::RetentionRule]| {
@@ -352,6 +354,65 @@ fn config_to_toml(cfg: &ServerConfig) -> String {
     }
     retention.insert("accounts".into(), accounts.into());
     t.insert("retention".into(), retention.into());
+    let r = &cfg.relay;
+    let mut relay = toml::Table::new();
+    if let Some(u) = &r.url {
+        relay.insert("url".into(), u.clone().into());
+    }
+    if let Some(f) = &r.ca_file {
+        match f.to_str() {
+            Some(f) => relay.insert("ca_file".into(), f.into()),
+            None => panic!("a path parsed from TOML is not UTF-8: {f:?}"),
+        };
+    }
+    for (k, v) in [
+        ("retry_initial", &r.retry_initial),
+        ("retry_max", &r.retry_max),
+        ("retry_period", &r.retry_period),
+        ("timeout", &r.timeout),
+    ] {
+        relay.insert(k.into(), v.clone().into());
+    }
+    relay.insert(
+        "bounce_tags".into(),
+        toml::Value::Array(r.bounce_tags.iter().map(|t| t.clone().into()).collect()),
+    );
+    t.insert("relay".into(), relay.into());
+    let a = &cfg.auth;
+    let mut auth = toml::Table::new();
+    for (k, v) in [
+        ("failure_delay", &a.failure_delay),
+        ("address_refill", &a.address_refill),
+        ("account_refill", &a.account_refill),
+        ("max_wait", &a.max_wait),
+    ] {
+        auth.insert(k.into(), v.clone().into());
+    }
+    auth.insert(
+        "address_burst".into(),
+        int("address_burst", a.address_burst.into()),
+    );
+    auth.insert(
+        "account_burst".into(),
+        int("account_burst", a.account_burst.into()),
+    );
+    t.insert("auth".into(), auth.into());
+    let l = &cfg.limits;
+    let mut limits = toml::Table::new();
+    limits.insert("request_timeout".into(), l.request_timeout.clone().into());
+    limits.insert("auth_timeout".into(), l.auth_timeout.clone().into());
+    limits.insert(
+        "max_log_streams_per_account".into(),
+        int(
+            "max_log_streams_per_account",
+            l.max_log_streams_per_account as u64,
+        ),
+    );
+    t.insert("limits".into(), limits.into());
+    // The checks that serde cannot do must not panic either.
+    let _ = cfg.check();
+    let _ = cfg.auth.limits();
+    let _ = cfg.limits.parse();
     match toml::to_string(&t) {
         Ok(text) => text,
         Err(e) => panic!("cannot write a TOML table of strings and integers: {e}"),

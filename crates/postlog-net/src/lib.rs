@@ -21,6 +21,14 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Clients send a keep-alive this often while idle (a watching Log stream).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Most bytes a peer may send on one stream before the receiver has read them (QUIC flow
+/// control holds the sender back beyond it): a full sync is one long stream of mail.
+pub const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// Most unread bytes over all streams of one connection: the most memory a peer can make
+/// the other side buffer.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+/// Most bytes in flight that this side sends before acknowledgement.
+pub const SEND_WINDOW: u64 = 32 * 1024 * 1024;
 /// The TLS server name clients use; certificates are pinned, so it is a fixed label.
 pub const SERVER_NAME: &str = "postlog.invalid";
 
@@ -66,9 +74,9 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     // Large windows: a full sync is one long stream of mail.
-    t.stream_receive_window((8u32 * 1024 * 1024).into());
-    t.receive_window((32u32 * 1024 * 1024).into());
-    t.send_window(32 * 1024 * 1024);
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.send_window(SEND_WINDOW);
     // Let path MTU discovery go past Ethernet size: on loopback and jumbo-frame links a full
     // sync then needs a fraction of the packets (and of the per-packet crypto and syscalls);
     // on ordinary paths the larger probes are lost and the MTU stays at about 1450.

@@ -30,6 +30,127 @@ pub struct ServerConfig {
     pub relay: RelayConfig,
     /// Automatic deletion (retention rules) and compaction of tag histories.
     pub retention: RetentionConfig,
+    /// Throttling of failed logins (docs/PROTOCOL.md section 3, docs/RELIABILITY.md).
+    pub auth: AuthConfig,
+    /// Time and resource limits of QUIC connections (docs/PROTOCOL.md section 7).
+    pub limits: LimitsConfig,
+}
+
+/// Default `[limits]`: see [`LimitsConfig`].
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const DEFAULT_AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const DEFAULT_MAX_LOG_STREAMS_PER_ACCOUNT: usize = 32;
+
+/// `[limits]`: how long a slow or silent peer may hold server resources.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest wait for a request frame on a new stream, and for the next bytes of a Store
+    /// or Send body. Past it the stream gets Error 1 (Malformed, "timed out").
+    pub request_timeout: String,
+    /// Longest time from a new connection to its Auth request; past it the connection is
+    /// closed (close code 1).
+    pub auth_timeout: String,
+    /// Most Log streams open at once for one account, over all its connections; one more is
+    /// answered Error 8 (Busy).
+    pub max_log_streams_per_account: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            request_timeout: format!("{}s", DEFAULT_REQUEST_TIMEOUT.as_secs()),
+            auth_timeout: format!("{}s", DEFAULT_AUTH_TIMEOUT.as_secs()),
+            max_log_streams_per_account: DEFAULT_MAX_LOG_STREAMS_PER_ACCOUNT,
+        }
+    }
+}
+
+/// [`LimitsConfig`], parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub request_timeout: std::time::Duration,
+    pub auth_timeout: std::time::Duration,
+    pub max_log_streams_per_account: usize,
+}
+
+impl LimitsConfig {
+    pub fn parse(&self) -> Result<Limits, String> {
+        let d = |name: &str, v: &str| {
+            parse_duration(v)
+                .map_err(|e| format!("limits.{name}: {e}"))
+                .and_then(|d| {
+                    if d.is_zero() {
+                        Err(format!("limits.{name} must be more than 0"))
+                    } else {
+                        Ok(d)
+                    }
+                })
+        };
+        if self.max_log_streams_per_account == 0 {
+            return Err("limits.max_log_streams_per_account must be at least 1".into());
+        }
+        Ok(Limits {
+            request_timeout: d("request_timeout", &self.request_timeout)?,
+            auth_timeout: d("auth_timeout", &self.auth_timeout)?,
+            max_log_streams_per_account: self.max_log_streams_per_account,
+        })
+    }
+}
+
+/// `[auth]`: how failed logins are delayed and limited, per source address (IPv6 per /64)
+/// and per account. See `crate::throttle` for the exact rules.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Every failed Auth is answered no sooner than this; failures of one address or one
+    /// account are answered one after another, this far apart.
+    pub failure_delay: String,
+    /// Failures an address prefix may have before it is refused...
+    pub address_burst: u32,
+    /// ...after which it gets one more per this period.
+    pub address_refill: String,
+    /// Failures an account may have (from all addresses) before guessing addresses are
+    /// refused (new addresses are still checked)...
+    pub account_burst: u32,
+    /// ...after which it gets one more per this period.
+    pub account_refill: String,
+    /// The longest a failed attempt is held before its answer.
+    pub max_wait: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        use crate::throttle as t;
+        let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+        AuthConfig {
+            failure_delay: ms(t::DEFAULT_FAILURE_DELAY),
+            address_burst: t::DEFAULT_ADDRESS_BURST,
+            address_refill: ms(t::DEFAULT_ADDRESS_REFILL),
+            account_burst: t::DEFAULT_ACCOUNT_BURST,
+            account_refill: ms(t::DEFAULT_ACCOUNT_REFILL),
+            max_wait: ms(t::DEFAULT_MAX_WAIT),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The throttle's limits, or which setting is wrong.
+    pub fn limits(&self) -> Result<crate::throttle::Limits, String> {
+        let d = |name: &str, v: &str| parse_duration(v).map_err(|e| format!("auth.{name}: {e}"));
+        let limits = crate::throttle::Limits {
+            failure_delay: d("failure_delay", &self.failure_delay)?,
+            address_burst: self.address_burst,
+            address_refill: d("address_refill", &self.address_refill)?,
+            account_burst: self.account_burst,
+            account_refill: d("account_refill", &self.account_refill)?,
+            max_wait: d("max_wait", &self.max_wait)?,
+        };
+        if limits.address_burst == 0 || limits.account_burst == 0 {
+            return Err("auth: address_burst and account_burst must be at least 1".into());
+        }
+        Ok(limits)
+    }
 }
 
 /// `[relay]`: the SMTP relay that sent mail goes through, and the retry policy.
@@ -239,6 +360,25 @@ pub struct DeliveryConfig {
     pub max_connections_per_ip: usize,
     /// Most simultaneous LMTP/SMTP connections in total.
     pub max_connections: usize,
+    /// Longest wait for the next command or chunk of data (default
+    /// `postlog_smtp::limits::COMMAND_TIMEOUT`, 5 minutes); then `421` and close.
+    pub command_timeout: String,
+    /// Longest session from greeting to last reply (default
+    /// `postlog_smtp::limits::SESSION_TIMEOUT`, 30 minutes): a slow-drip client cannot hold
+    /// a connection slot longer.
+    pub session_timeout: String,
+}
+
+impl DeliveryConfig {
+    /// `command_timeout`, checked by `ServerConfig::check`.
+    pub fn command_timeout(&self) -> std::time::Duration {
+        parse_duration(&self.command_timeout).unwrap_or(postlog_smtp::limits::COMMAND_TIMEOUT)
+    }
+
+    /// `session_timeout`, checked by `ServerConfig::check`.
+    pub fn session_timeout(&self) -> std::time::Duration {
+        parse_duration(&self.session_timeout).unwrap_or(postlog_smtp::limits::SESSION_TIMEOUT)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -249,6 +389,8 @@ impl Default for DeliveryConfig {
             max_recipients: postlog_smtp::limits::MAX_RECIPIENTS,
             max_connections_per_ip: 20,
             max_connections: 1000,
+            command_timeout: format!("{}s", postlog_smtp::limits::COMMAND_TIMEOUT.as_secs()),
+            session_timeout: format!("{}s", postlog_smtp::limits::SESSION_TIMEOUT.as_secs()),
         }
     }
 }
@@ -267,6 +409,8 @@ impl Default for ServerConfig {
             delivery: DeliveryConfig::default(),
             relay: RelayConfig::default(),
             retention: RetentionConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -305,6 +449,8 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # max_recipients = 1000
 # max_connections_per_ip = 20
 # max_connections = 1000
+# command_timeout = "300s"
+# session_timeout = "1800s"
 
 # Mail out (docs/SENDING.md): the SMTP relay that sent mail goes through.
 # `postlog serve --relay URL` overrides the URL. Schemes: smtp:// for STARTTLS (required,
@@ -331,6 +477,27 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # rules = [{ tag = "deleted", after_secs = 2592000 }]
 # [retention.accounts.ann]
 # rules = [{ tag = "deleted", after_secs = 604800 }, { tag = "spam", after_secs = 1209600 }]
+
+# Failed logins (docs/RELIABILITY.md). Each failure is answered after failure_delay, the
+# failures of one address (IPv6: its /64) or one account one after another. An address may
+# fail address_burst times, then once per address_refill; past that it is refused without a
+# check. An account may fail account_burst times (from all addresses), then once per
+# account_refill; past that only addresses without failures are still checked.
+# [auth]
+# failure_delay = "200ms"
+# address_burst = 10
+# address_refill = "6000ms"
+# account_burst = 100
+# account_refill = "1000ms"
+# max_wait = "10000ms"
+
+# Slow or silent peers (docs/PROTOCOL.md section 7): the longest wait for a request frame
+# or for the next bytes of a message body, the longest wait for Auth on a new connection,
+# and the most Log streams one account may have open at once.
+# [limits]
+# request_timeout = "30s"
+# auth_timeout = "10s"
+# max_log_streams_per_account = 32
 "#;
 
 /// Why the configuration could not be loaded.
@@ -391,6 +558,15 @@ impl ServerConfig {
         if d.max_recipients == 0 || d.max_connections_per_ip == 0 || d.max_connections == 0 {
             return Err("delivery: limits must be at least 1".into());
         }
+        for (name, v) in [
+            ("command_timeout", &d.command_timeout),
+            ("session_timeout", &d.session_timeout),
+        ] {
+            let t = parse_duration(v).map_err(|e| format!("delivery.{name}: {e}"))?;
+            if t.is_zero() {
+                return Err(format!("delivery.{name} must be more than 0"));
+            }
+        }
         let r = &self.relay;
         for (name, v) in [
             ("retry_initial", &r.retry_initial),
@@ -406,6 +582,8 @@ impl ServerConfig {
         if let Some(url) = &r.url {
             RelayTarget::parse(url).map_err(|e| format!("relay.url: {e}"))?;
         }
+        self.auth.limits()?;
+        self.limits.parse()?;
         if let Some(t) = r
             .bounce_tags
             .iter()
@@ -464,6 +642,14 @@ mod tests {
         assert_eq!(parsed.lmtp.listen, Some("127.0.0.1:2424".parse().unwrap()));
         assert_eq!(parsed.delivery.initial_tags, ["inbox", "unread"]);
         assert_eq!(parsed.relay.retry_period, "5d");
+        assert_eq!(
+            parsed.auth.limits().unwrap(),
+            crate::throttle::Limits::default()
+        );
+        assert_eq!(
+            parsed.limits.parse().unwrap(),
+            LimitsConfig::default().parse().unwrap()
+        );
         assert_eq!(
             RelayTarget::parse(parsed.relay.url.as_deref().unwrap()).unwrap(),
             RelayTarget {

@@ -101,14 +101,23 @@ type Result<T = ()> = std::result::Result<T, Fail>;
 
 pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv: RecvStream) {
     let outcome = async {
-        let frame = read_frame(&mut recv).await.map_err(|e| match e {
-            FrameError::End => Fail(ErrorCode::Malformed, "empty stream".into()),
-            FrameError::Decode(d) => Fail(d.code(), d.to_string()),
-            FrameError::Read(r) => Fail(ErrorCode::Malformed, r.to_string()),
-        })?;
+        // A peer that opens a stream and sends nothing, or trickles, holds it only this long.
+        let timeout = conn.shared.limits.request_timeout;
+        let frame = tokio::time::timeout(timeout, read_frame(&mut recv))
+            .await
+            .map_err(|_| timed_out(timeout))?
+            .map_err(|e| match e {
+                FrameError::End => Fail(ErrorCode::Malformed, "empty stream".into()),
+                FrameError::Decode(d) => Fail(d.code(), d.to_string()),
+                FrameError::Read(r) => Fail(ErrorCode::Malformed, r.to_string()),
+            })?;
         let request = Request::decode(&frame).map_err(|e| Fail(e.code(), e.to_string()))?;
         if request.is_mutating() {
             wait_for_handshake(&conn).await?;
+        } else {
+            // Nothing may follow a read-only request: stop the peer's side, so that bytes it
+            // sends anyway are discarded instead of buffered for the life of a Log stream.
+            let _ = recv.stop(0u32.into());
         }
         match request {
             Request::Auth { .. } => Err(Fail(ErrorCode::Invalid, "already authenticated".into())),
@@ -171,6 +180,46 @@ pub(crate) async fn serve_stream(conn: Arc<Conn>, mut send: SendStream, mut recv
                 .write_all(&Response::error(code, message).to_frame())
                 .await;
             let _ = send.finish();
+        }
+    }
+}
+
+fn timed_out(after: std::time::Duration) -> Fail {
+    Fail(
+        ErrorCode::Malformed,
+        format!("timed out: nothing received for {} ms", after.as_millis()),
+    )
+}
+
+/// Counts an account's open Log streams; the slot is given back when dropped.
+struct LogSlot {
+    conn: Arc<Conn>,
+}
+
+impl LogSlot {
+    fn take(conn: &Arc<Conn>) -> Result<LogSlot> {
+        let max = conn.shared.limits.max_log_streams_per_account;
+        let mut open = crate::server::lock(&conn.shared.log_streams);
+        let n = open.entry(conn.account).or_insert(0);
+        if *n >= max {
+            return Err(Fail(
+                ErrorCode::Busy,
+                format!("this account already has {max} open Log streams"),
+            ));
+        }
+        *n += 1;
+        Ok(LogSlot { conn: conn.clone() })
+    }
+}
+
+impl Drop for LogSlot {
+    fn drop(&mut self) {
+        let mut open = crate::server::lock(&self.conn.shared.log_streams);
+        if let Some(n) = open.get_mut(&self.conn.account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.conn.account);
+            }
         }
     }
 }
@@ -272,8 +321,12 @@ async fn receive(
     }
     let mut writer = blob_writer(&conn.shared, max).await?;
     let mut head = Vec::new();
+    let timeout = conn.shared.limits.request_timeout;
     loop {
-        match recv.read_chunk(64 * 1024, true).await {
+        let chunk = tokio::time::timeout(timeout, recv.read_chunk(64 * 1024, true))
+            .await
+            .map_err(|_| timed_out(timeout))?;
+        match chunk {
             Ok(Some(chunk)) => {
                 if writer.size() + chunk.bytes.len() as u64 > size {
                     return Err(Fail(
@@ -387,6 +440,7 @@ async fn submit(
 /// Streams records from `from`, then `Live`, then every new record as it is committed.
 /// Ends only when the client stops the stream or the connection closes.
 async fn log(conn: &Arc<Conn>, send: &mut SendStream, mut from: LogOffset, inline: bool) -> Result {
+    let _slot = LogSlot::take(conn)?;
     let c = conn.clone();
     let mut heads = tokio::task::spawn_blocking(move || {
         c.shared.heads.subscribe(c.shared.store.as_ref(), c.account)

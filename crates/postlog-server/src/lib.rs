@@ -13,6 +13,10 @@
 //!   task relays due messages over SMTP (lettre), retries with backoff, and records each
 //!   attempt, bounces (RFC 3464) and the final `delivered`/`bounced` tags through the store.
 //!
+//! - [`throttle`]: sans-IO bookkeeping of failed logins per address prefix and per account
+//!   (`[auth]` in postlog.toml); `server` asks it before checking a secret and for when to
+//!   answer a failure.
+//!
 //! Architecture invariant: handlers never touch files or SQLite directly; they go through
 //! [`postlog_store::Backend`], on blocking threads.
 
@@ -23,6 +27,7 @@ mod relay;
 mod retention;
 mod server;
 mod smtp;
+pub mod throttle;
 pub mod tls;
 
 pub use config::ServerConfig;

@@ -14,14 +14,11 @@ use tokio::sync::watch;
 use crate::config::{ConfigError, ServerConfig};
 use crate::handlers::{self, Conn};
 use crate::push::Heads;
+use crate::throttle::{Admit, AuthThrottle};
 use crate::tls::{self, TlsError};
 
-/// How long a new connection may take to authenticate.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an open connection re-checks that its device was not revoked.
 pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
-/// Delay before answering a failed authentication (slows guessing; issue #8 adds more).
-pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(200);
 /// How long start waits for the data directory's lock: `postlog deliver` holds it for a
 /// moment when it stores directly, and must not make a starting server fail.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -70,6 +67,12 @@ pub(crate) struct Shared {
     /// Notified after every new Send, so the relay worker starts at once.
     pub relay_wake: Arc<tokio::sync::Notify>,
     connections: AtomicUsize,
+    /// Failed logins per address prefix and per account.
+    throttle: std::sync::Mutex<AuthThrottle>,
+    /// `[limits]`, parsed.
+    pub limits: crate::config::Limits,
+    /// Open Log streams per account (`[limits] max_log_streams_per_account`).
+    pub log_streams: std::sync::Mutex<std::collections::HashMap<AccountId, usize>>,
 }
 
 /// A running server endpoint.
@@ -153,12 +156,21 @@ impl Server {
         let lmtp_addr = mail.lmtp.as_ref().and_then(|l| l.local_addr().ok());
         let smtp_addr = mail.smtp.as_ref().and_then(|l| l.local_addr().ok());
         let lmtp_socket = mail.lmtp_unix.as_ref().map(|(_, p)| p.clone());
+        let invalid = |why| ConfigError::InvalidSetting {
+            path: data.join("postlog.toml").display().to_string(),
+            why,
+        };
+        let limits = config.auth.limits().map_err(invalid)?;
+        let conn_limits = config.limits.parse().map_err(invalid)?;
         let shared = Arc::new(Shared {
             store,
             heads,
             config,
             relay_wake: Arc::new(tokio::sync::Notify::new()),
             connections: AtomicUsize::new(0),
+            throttle: std::sync::Mutex::new(AuthThrottle::new(limits)),
+            limits: conn_limits,
+            log_streams: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         Ok(Server {
             endpoint,
@@ -350,7 +362,7 @@ async fn authenticate(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
 ) -> anyhow_like::Result<Option<(AccountId, DeviceId)>> {
-    let first = tokio::time::timeout(AUTH_TIMEOUT, async {
+    let first = tokio::time::timeout(shared.limits.auth_timeout, async {
         let (send, mut recv) = conn.accept_bi().await?;
         let frame = postlog_net::read_frame(&mut recv).await;
         Ok::<_, anyhow_like::Error>((send, frame))
@@ -388,17 +400,29 @@ async fn authenticate(
         }
     };
     let (account, device, secret) = request;
-    let store = shared.store.clone();
-    let name = account.clone();
-    let verdict = tokio::task::spawn_blocking(move || -> Result<_, postlog_store::StoreError> {
-        let id = store.authenticate(&name, device, &secret)?;
-        match id {
-            Some(id) => Ok(Some((id, store.head(id)?))),
-            None => Ok(None),
+    let ip = conn.remote_address().ip();
+    // Failure delays count from here, so the secret check's own time (or its absence for a
+    // refused attempt) does not show in when the answer comes.
+    let arrived = std::time::Instant::now();
+    let admit = lock(&shared.throttle).admit(ip, &account, arrived);
+    let verdict = match admit {
+        Admit::Check => {
+            let store = shared.store.clone();
+            let name = account.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, postlog_store::StoreError> {
+                // Unknown account or device, and wrong secret, take the same path here.
+                let id = store.authenticate(&name, device, &secret)?;
+                match id {
+                    Some(id) => Ok(Some((id, store.head(id)?))),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .map_err(|e| anyhow_like::Error(e.to_string()))?
         }
-    })
-    .await
-    .map_err(|e| anyhow_like::Error(e.to_string()))?;
+        // Over a limit: refused without a check, answered exactly like a failure.
+        Admit::Refuse => Ok(None),
+    };
     match verdict {
         Ok(Some((id, head))) => {
             send.write_all(&Response::AuthOk { head }.to_frame())
@@ -408,8 +432,9 @@ async fn authenticate(
             Ok(Some((id, device)))
         }
         Ok(None) => {
-            tracing::info!(%account, device, remote = %conn.remote_address(), "authentication failed");
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+            let at = lock(&shared.throttle).failed(ip, &account, arrived);
+            tracing::info!(%account, device, remote = %conn.remote_address(), refused = (admit == Admit::Refuse), "authentication failed");
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
             let msg = "authentication failed: unknown account or device, or wrong secret";
             let _ = send
                 .write_all(&Response::error(ErrorCode::AuthFailed, msg).to_frame())
@@ -429,6 +454,11 @@ async fn authenticate(
             Ok(None)
         }
     }
+}
+
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The throttle's tables stay valid even if a holder panicked.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A tiny error type for the connection loop, which only logs its errors.

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postlog_smtp::limits::{COMMAND_TIMEOUT, SESSION_TIMEOUT};
 use postlog_smtp::received::{Trace, received, return_path};
 use postlog_smtp::{Config, Event, Outcome, Protocol, Session, Verdict};
 use postlog_store::{AccountId, BlobWriter, NewRecord, StoreError};
@@ -241,7 +240,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut session: Session<AccountId> = Session::new(ctx.session_config(protocol));
-    let deadline = Instant::now() + SESSION_TIMEOUT;
+    let deadline = Instant::now() + ctx.shared.config.delivery.session_timeout();
     match drive(ctx, &mut stream, &mut session, peer, deadline).await? {
         Step::Closed => Ok(()),
         Step::StartTls => {
@@ -341,7 +340,12 @@ where
         flush(stream, session).await?;
         // Read more, within the idle and session time limits.
         let now = Instant::now();
-        let wait = COMMAND_TIMEOUT.min(deadline.saturating_duration_since(now));
+        let wait = ctx
+            .shared
+            .config
+            .delivery
+            .command_timeout()
+            .min(deadline.saturating_duration_since(now));
         let n = tokio::select! {
             r = tokio::time::timeout(wait, stream.read(&mut chunk)) => match r {
                 Ok(r) => r?,

@@ -33,7 +33,15 @@ async fn sigkill_during_stores_loses_nothing_acknowledged() {
         .unwrap();
     let fingerprint = common::fingerprint_of(&data);
     let login = common::account_on(&data, addr, &fingerprint, "ann");
+    // Each commit ends with a syncfs, which also writes out every dirty page of the file
+    // system: right after a build (hundreds of MB just linked) that takes seconds, longer
+    // than the kill intervals below, and no Store would ever be acknowledged. Flush first.
+    let _ = std::process::Command::new("sync").status();
     let mut server = common::ServerProcess::spawn(&data, addr);
+    // Wait until the first server serves, so the kills hit servers, not a loading binary.
+    common::connect_retry(&Endpoint::new(&fingerprint).unwrap(), &login)
+        .await
+        .close();
 
     let attempted = Arc::new(AtomicU64::new(0));
     let acked: Arc<Mutex<HashMap<BlobHash, u64>>> = Arc::default();
@@ -141,6 +149,15 @@ async fn sigkill_during_stores_loses_nothing_acknowledged() {
         acked.len(),
         lost.len(),
         recovered,
+    );
+    common::reliability(
+        "crash::sigkill_during_stores_loses_nothing_acknowledged",
+        &format!("kill -9 of the server during Stores from {WORKERS} clients (seed {seed})"),
+        KILLS as u64,
+        acked.len() as u64,
+        lost.len() as u64,
+        duplicates as u64,
+        unknown as u64,
     );
     // At least one acknowledgement per server lifetime on average, or the test says nothing.
     assert!(

@@ -494,6 +494,17 @@ fn sigkill_during_lmtp_deliveries_loses_nothing_acknowledged() {
         stored.len(),
         acked.len() as f64 / elapsed.as_secs_f64(),
     );
+    common::reliability(
+        "delivery::sigkill_during_lmtp_deliveries_loses_nothing_acknowledged",
+        &format!(
+            "kill -9 of the server during LMTP deliveries from {SENDERS} senders (seed {seed})"
+        ),
+        kills as u64,
+        acked.len() as u64,
+        lost as u64,
+        duplicates as u64,
+        0,
+    );
     assert_eq!(lost, 0, "acknowledged messages lost");
     assert_eq!(
         duplicates, 0,

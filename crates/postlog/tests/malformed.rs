@@ -79,7 +79,7 @@ async fn malformed_table() {
     std::fs::create_dir_all(dir.path()).unwrap();
     std::fs::write(
         dir.path().join("postlog.toml"),
-        "max_message_size = 1000\nmax_connections = 8\n",
+        "max_message_size = 1000\nmax_connections = 8\n[limits]\nmax_log_streams_per_account = 256\n",
     )
     .unwrap();
     let server = common::InProcess::start(dir.path()).await;

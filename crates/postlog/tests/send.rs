@@ -351,6 +351,16 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
         }
     }
     println!("kill -9 with 5 queued: lost {lost}, duplicated {dup}");
+    common::reliability(
+        "send::sendmail_relays_retries_bounces_and_survives_kills",
+        "kill -9 of the server while 5 sent messages wait in the relay queue; all relayed \
+         after restart",
+        1,
+        queued.len() as u64,
+        lost as u64,
+        dup as u64,
+        0,
+    );
     assert_eq!((lost, dup), (0, 0));
 
     // 6. What the server refuses is refused with sysexits codes, and never queued.

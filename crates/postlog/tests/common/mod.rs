@@ -312,3 +312,20 @@ pub fn tags(profile: &Path, h: &postlog_proto::BlobHash) -> std::collections::BT
 pub fn set(v: &[&str]) -> std::collections::BTreeSet<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
+
+/// One row of docs/RELIABILITY.md, printed as a machine-readable line that
+/// `scripts/reliability.sh` collects (run the test with `--nocapture`). A test that reaches
+/// this line did not panic; a panic fails the test, and the script records it.
+pub fn reliability(
+    test: &str,
+    what: &str,
+    trials: u64,
+    acknowledged: u64,
+    lost: u64,
+    duplicated: u64,
+    diverged: u64,
+) {
+    println!(
+        "RELIABILITY\t{test}\t{what}\t{trials}\t{acknowledged}\t{lost}\t{duplicated}\t{diverged}"
+    );
+}
