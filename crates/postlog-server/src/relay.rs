@@ -55,7 +55,7 @@ pub(crate) async fn run(
 ) {
     match &relay.target {
         Some(t) => tracing::info!(host = %t.host, port = t.port, "relay worker started"),
-        None => tracing::warn!("no [relay] configured: sent mail stays queued until one is"),
+        None => tracing::info!("no [relay] configured: sent mail stays queued until one is"),
     }
     loop {
         if *stop.borrow() {
