@@ -83,6 +83,9 @@ pub fn to_crlf(bytes: &[u8]) -> Vec<u8> {
 
 /// The copy of a stored message that goes to the relay: without Bcc (and Resent-Bcc)
 /// fields, with CRLF line endings. The account's own copy keeps its Bcc.
+///
+/// Line endings are made CRLF first: a bare CR turned into a line break afterwards could
+/// otherwise start a Bcc field the stripping did not see (found by fuzzing).
 pub fn relay_copy(bytes: &[u8]) -> Vec<u8> {
-    to_crlf(&strip_header(&strip_header(bytes, "Bcc"), "Resent-Bcc"))
+    strip_header(&strip_header(&to_crlf(bytes), "Bcc"), "Resent-Bcc")
 }

@@ -134,3 +134,14 @@ proptest! {
         prop_assert_eq!(out, expected.into_bytes());
     }
 }
+
+/// Found by fuzzing (fuzz/corpus/mail_submission/regression-bare-cr-bcc): a bare CR that
+/// only the CRLF normalisation turned into a line break used to start a Bcc field after
+/// the stripping had run, so the relayed copy carried the blind recipients.
+#[test]
+fn regression_a_bare_cr_cannot_smuggle_bcc_into_the_relay_copy() {
+    let out = relay_copy(b"From: a@b.c\nTo: x@y.z\rBcc: secret@e.f\n\nbody\n");
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("secret@"), "{text}");
+    assert!(text.contains("To: x@y.z\r\n"), "{text}");
+}

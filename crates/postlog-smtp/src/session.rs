@@ -113,7 +113,12 @@ struct DataScan {
     cr: bool,
     /// Message bytes passed on so far.
     size: u64,
+    /// The first failure (it aborts the message once).
     failure: Option<DataFailure>,
+    /// A bare CR or LF was seen. It decides the reply even when the size limit was crossed
+    /// first: which of the two is noticed first depends on how the input was split, the
+    /// reply must not.
+    bare_newline: bool,
 }
 
 /// One SMTP or LMTP server session, without I/O. `R` is what an accepted recipient maps to
@@ -566,6 +571,7 @@ impl<R> Session<R> {
 
     /// Marks the message as rejected; the first failure tells the driver to drop it.
     fn fail<'a>(&mut self, why: DataFailure) -> Option<Event<'a>> {
+        self.scan.bare_newline |= why == DataFailure::BareNewline;
         if self.scan.failure.is_some() {
             return None;
         }
@@ -574,7 +580,11 @@ impl<R> Session<R> {
     }
 
     fn end_of_data<'a>(&mut self) -> Option<Event<'a>> {
-        let Some(failure) = self.scan.failure else {
+        let failure = match self.scan.failure {
+            Some(_) if self.scan.bare_newline => Some(DataFailure::BareNewline),
+            f => f,
+        };
+        let Some(failure) = failure else {
             self.phase = Phase::AwaitDelivery;
             return Some(Event::MessageEnd);
         };
