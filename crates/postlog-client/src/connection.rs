@@ -292,22 +292,37 @@ impl Connection {
             size: bytes.len() as u64,
             tags: tags.to_vec(),
         };
-        let (mut send, mut recv) = self.request(&req).await?;
-        // The server may refuse before reading everything (too large): its answer wins.
+        match self.upload(&req, bytes).await? {
+            Response::Stored { hash, offset, new } => Self::check_hash(bytes, hash, offset, new),
+            other => Err(ClientError::from_response(other)),
+        }
+    }
+
+    /// Sends `req`, then the message bytes, and reads the answer. The server may refuse
+    /// before it has read everything (too large): its answer wins over the write error.
+    async fn upload(&self, req: &Request, bytes: &[u8]) -> Result<Response> {
+        let (mut send, mut recv) = self.request(req).await?;
         let sent = send.write_all(bytes).await;
         let _ = send.finish();
         match Self::response(&mut recv).await {
-            Ok(Response::Stored { hash, offset, new }) => {
-                if hash != BlobHash::of(bytes) {
-                    return Err(ClientError::Protocol(
-                        "server reported a different hash".into(),
-                    ));
-                }
-                Ok((hash, offset, new))
-            }
-            Ok(other) => Err(ClientError::from_response(other)),
+            Ok(r) => Ok(r),
             Err(e) => Err(sent.err().map(ClientError::from).unwrap_or(e)),
         }
+    }
+
+    /// The answer to an upload, if the server hashed the same bytes we sent.
+    fn check_hash(
+        bytes: &[u8],
+        hash: BlobHash,
+        offset: LogOffset,
+        new: bool,
+    ) -> Result<(BlobHash, LogOffset, bool)> {
+        if hash != BlobHash::of(bytes) {
+            return Err(ClientError::Protocol(
+                "server reported a different hash".into(),
+            ));
+        }
+        Ok((hash, offset, new))
     }
 
     /// Submits a message for sending (idempotent by its hash); returns its hash, the offset
@@ -324,20 +339,9 @@ impl Connection {
             from: from.to_string(),
             recipients: recipients.to_vec(),
         };
-        let (mut send, mut recv) = self.request(&req).await?;
-        let sent = send.write_all(bytes).await;
-        let _ = send.finish();
-        match Self::response(&mut recv).await {
-            Ok(Response::Sent { hash, offset, new }) => {
-                if hash != BlobHash::of(bytes) {
-                    return Err(ClientError::Protocol(
-                        "server reported a different hash".into(),
-                    ));
-                }
-                Ok((hash, offset, new))
-            }
-            Ok(other) => Err(ClientError::from_response(other)),
-            Err(e) => Err(sent.err().map(ClientError::from).unwrap_or(e)),
+        match self.upload(&req, bytes).await? {
+            Response::Sent { hash, offset, new } => Self::check_hash(bytes, hash, offset, new),
+            other => Err(ClientError::from_response(other)),
         }
     }
 

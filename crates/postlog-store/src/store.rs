@@ -541,17 +541,11 @@ fn commit_group(
                         heads.insert(account, head);
                         continue; // dropping `blob` removes the staged copy
                     }
-                    let dest = blobs::blob_path(root, account, &hash);
                     let size = blob.size;
-                    blob.place(&dest).map_err(not_fatal)?;
+                    blob.place(&blobs::blob_path(root, account, &hash))
+                        .map_err(not_fatal)?;
                     placed_any = true;
-                    let rec = Record::Store { hash, size, tags };
-                    insert_record(&tx, account, head, now, &rec).map_err(not_fatal)?;
-                    tx.execute(
-                        "INSERT INTO blobs (account_id, hash, offset, size) VALUES (?1, ?2, ?3, ?4)",
-                        params![account, hash.0.as_slice(), head as i64, size as i64],
-                    )
-                    .map_err(|e| not_fatal(e.into()))?;
+                    insert_message(&tx, account, head, now, hash, size, tags).map_err(not_fatal)?;
                     placed.insert((account, hash), head);
                     heads.insert(account, head + 1);
                     out.push((
@@ -572,17 +566,7 @@ fn commit_group(
                     seq,
                 } => {
                     heads.insert(account, head);
-                    let held = placed.contains_key(&(account, hash))
-                        || tx
-                            .query_row(
-                                "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
-                                params![account, hash.0.as_slice()],
-                                |_| Ok(()),
-                            )
-                            .optional()
-                            .map_err(|e| not_fatal(e.into()))?
-                            .is_some();
-                    if !held {
+                    if !held(&tx, &placed, account, &hash).map_err(not_fatal)? {
                         out.push((account, Err(StoreError::NoSuchMessage(hash))));
                         continue;
                     }
