@@ -98,12 +98,24 @@ impl Accounts {
 /// its `+detail` (`ann+lists@example.org` reaches `ann@example.org`); the domain's
 /// catch-all, recorded as the address `@example.org`.
 pub(crate) fn resolve_address(conn: &Connection, address: &str) -> Result<Option<AccountId>> {
+    let mut stmt = conn.prepare_cached("SELECT account_id FROM addresses WHERE address = ?1")?;
+    for c in address_candidates(address) {
+        if let Some(id) = stmt.query_row([&c], |r| r.get::<_, i64>(0)).optional()? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+/// The addresses to look up for `address`, in order: exact, without `+detail`, the
+/// domain's catch-all (`@domain`). Empty for something that is not an address.
+pub fn address_candidates(address: &str) -> Vec<String> {
     let address = address.trim().to_ascii_lowercase();
     let Some((local, domain)) = address.rsplit_once('@') else {
-        return Ok(None);
+        return Vec::new();
     };
     if local.is_empty() || domain.is_empty() {
-        return Ok(None);
+        return Vec::new();
     }
     let mut candidates = vec![address.clone()];
     if let Some((base, _detail)) = local.split_once('+')
@@ -112,16 +124,29 @@ pub(crate) fn resolve_address(conn: &Connection, address: &str) -> Result<Option
         candidates.push(format!("{base}@{domain}"));
     }
     candidates.push(format!("@{domain}"));
-    let mut stmt = conn.prepare_cached("SELECT account_id FROM addresses WHERE address = ?1")?;
-    for c in candidates {
-        if let Some(id) = stmt.query_row([&c], |r| r.get::<_, i64>(0)).optional()? {
-            return Ok(Some(id));
-        }
-    }
-    Ok(None)
+    candidates
 }
 
-pub(crate) fn validate_account_name(name: &str) -> Result<()> {
+/// An address as recorded for an account: lower-cased, `user@domain` or `@domain` (the
+/// domain's catch-all).
+pub fn normalize_address(a: &str) -> Result<String> {
+    let a = a.trim().to_ascii_lowercase();
+    let valid = a
+        .rsplit_once('@')
+        .is_some_and(|(_, domain)| !domain.is_empty() && !domain.contains('@'))
+        && !a
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>".contains(c));
+    if !valid || a.len() > postlog_proto::limits::MAX_ADDRESS_LEN {
+        return Err(StoreError::Invalid {
+            what: "address",
+            why: a,
+        });
+    }
+    Ok(a)
+}
+
+pub fn validate_account_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_ACCOUNT_NAME_LEN
         && name
@@ -139,7 +164,7 @@ pub(crate) fn validate_account_name(name: &str) -> Result<()> {
     }
 }
 
-pub(crate) fn secret_hash(secret: &[u8; 32]) -> blake3::Hash {
+pub fn secret_hash(secret: &[u8; 32]) -> blake3::Hash {
     blake3::keyed_hash(&blake3::derive_key("postlog device secret v1", b""), secret)
 }
 
@@ -170,20 +195,7 @@ pub(crate) fn add_device(
         }
     };
     for a in addresses {
-        let a = a.trim().to_ascii_lowercase();
-        // `user@domain`, or `@domain`: the domain's catch-all.
-        let valid = a
-            .rsplit_once('@')
-            .is_some_and(|(_, domain)| !domain.is_empty() && !domain.contains('@'))
-            && !a
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || "<>".contains(c));
-        if !valid || a.len() > postlog_proto::limits::MAX_ADDRESS_LEN {
-            return Err(StoreError::Invalid {
-                what: "address",
-                why: a,
-            });
-        }
+        let a = normalize_address(a)?;
         let owner: Option<i64> = tx
             .query_row(
                 "SELECT account_id FROM addresses WHERE address = ?1",

@@ -9,7 +9,7 @@ use postlog_proto::BlobHash;
 use crate::{AccountId, Result, StoreError};
 
 /// Where an account's blob with this hash lives.
-pub(crate) fn blob_path(root: &Path, account: AccountId, hash: &BlobHash) -> PathBuf {
+pub fn blob_path(root: &Path, account: AccountId, hash: &BlobHash) -> PathBuf {
     let hex = hash.to_hex();
     root.join("blobs")
         .join(account.to_string())
@@ -29,7 +29,7 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    pub(crate) fn create(tmp_dir: &Path, max: u64) -> Result<Self> {
+    pub fn create(tmp_dir: &Path, max: u64) -> Result<Self> {
         let name = format!("{:016x}.blob", rand::random::<u64>());
         let path = tmp_dir.join(name);
         let file = File::options()
@@ -116,6 +116,12 @@ impl StagedBlob {
         })
     }
 
+    /// The staged file (for a backend that uploads it elsewhere; dropping the
+    /// `StagedBlob` still removes it).
+    pub fn path(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(Path::new("tmp"))
+    }
+
     /// Moves the staged file to its final place. The caller fsyncs the directory.
     pub(crate) fn place(mut self, dest: &Path) -> Result<()> {
         let tmp = self.tmp.take().unwrap_or_default();
@@ -143,7 +149,7 @@ impl Drop for StagedBlob {
 }
 
 /// Reads a blob and verifies it against its hash; a mismatch is [`StoreError::CorruptBlob`].
-pub(crate) fn read_verified(path: &Path, hash: &BlobHash) -> Result<Option<Vec<u8>>> {
+pub fn read_verified(path: &Path, hash: &BlobHash) -> Result<Option<Vec<u8>>> {
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -86,7 +86,7 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-pub(crate) fn checksum(account: i64, offset: u64, body: &[u8]) -> [u8; 8] {
+pub fn checksum(account: i64, offset: u64, body: &[u8]) -> [u8; 8] {
     let mut h = blake3::Hasher::new();
     h.update(&account.to_le_bytes());
     h.update(&offset.to_le_bytes());
@@ -97,4 +97,4 @@ pub(crate) fn checksum(account: i64, offset: u64, body: &[u8]) -> [u8; 8] {
 }
 
 /// Kind number stored for a scrubbed (emptied) record.
-pub(crate) const KIND_SCRUBBED: i64 = 255;
+pub const KIND_SCRUBBED: i64 = 255;

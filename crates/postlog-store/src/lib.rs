@@ -10,6 +10,9 @@
 //! - [`Backend`]: the storage trait the server is written against, so that other backends
 //!   (PostgreSQL + object storage) can come later without touching the request handlers.
 //! - [`verify`]: checks every record checksum and every blob hash.
+//! - [`kit`]: the record, checksum, tag-state and account rules every backend shares (the
+//!   PostgreSQL + S3 backend, `postlog-store-pg`, is built on them); [`Export`] reads an
+//!   embedded data directory for `postlog migrate`.
 //!
 //! Durability order (docs/DURABILITY.md): blob written -> rename -> one syncfs barrier per
 //! group -> record commit (WAL fsync) -> acknowledge. A failed barrier or commit stops writes.
@@ -17,6 +20,8 @@
 mod accounts;
 mod blobs;
 mod db;
+mod export;
+pub mod kit;
 mod relay;
 mod scrub;
 mod store;
@@ -24,6 +29,7 @@ mod verify;
 
 pub use accounts::{AccountId, Accounts, DeviceCredentials, DeviceId, DeviceInfo};
 pub use blobs::{BlobWriter, StagedBlob};
+pub use export::{Export, ExportedDevice, ExportedQueueRow, ExportedRecord};
 pub use relay::{BOUNCED_TAG, DELIVERED_TAG, Delivery, QueuedSend, RecipientReport, SENT_TAGS};
 pub use scrub::MessageSummary;
 pub use store::{Appended, Backend, HeadWatcher, NewRecord, SERVER_DEVICE, Store};
@@ -61,6 +67,9 @@ pub enum StoreError {
     NoSuchMessage(postlog_proto::BlobHash),
     #[error("message of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge { size: u64, max: u64 },
+    /// An external engine (PostgreSQL, object storage) failed or could not be reached.
+    #[error("{engine}: {why}")]
+    Remote { engine: &'static str, why: String },
 }
 
 impl StoreError {
@@ -75,7 +84,7 @@ impl StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -31,9 +31,10 @@ CREATE TABLE IF NOT EXISTS relay_queue (
 CREATE INDEX IF NOT EXISTS relay_queue_due ON relay_queue (state, next_ms);
 ";
 
-const PENDING: i64 = 0;
-const DELIVERED: i64 = 1;
-const FAILED: i64 = 2;
+/// `relay_queue.state` values.
+pub const PENDING: i64 = 0;
+pub const DELIVERED: i64 = 1;
+pub const FAILED: i64 = 2;
 
 /// Tags of a message when it is sent; `queued` is replaced when the relay has finished.
 pub const SENT_TAGS: [&str; 2] = ["sent", "queued"];
@@ -52,6 +53,19 @@ pub enum Delivery {
     Failed { code: u16, reason: String },
     /// Try again at `next_ms` (4xx, or the relay could not be reached).
     Retry { reason: String, next_ms: u64 },
+}
+
+impl Delivery {
+    /// The queue row's new `(state, next_ms, reply)`.
+    pub fn columns(&self) -> (i64, i64, String) {
+        match self {
+            Delivery::Delivered { reply } => (DELIVERED, 0, reply.clone()),
+            Delivery::Failed { code, reason } => (FAILED, 0, format!("{code} {reason}")),
+            Delivery::Retry { reason, next_ms } => {
+                (PENDING, (*next_ms).min(i64::MAX as u64) as i64, reason.clone())
+            }
+        }
+    }
 }
 
 /// One recipient's outcome in a relay report.
@@ -137,11 +151,7 @@ pub(crate) fn apply_report(
          WHERE account_id = ?1 AND hash = ?2 AND recipient = ?3 AND state = 0",
     )?;
     for r in reports {
-        let (state, next, reply) = match &r.delivery {
-            Delivery::Delivered { reply } => (DELIVERED, 0, reply.clone()),
-            Delivery::Failed { code, reason } => (FAILED, 0, format!("{code} {reason}")),
-            Delivery::Retry { reason, next_ms } => (PENDING, *next_ms as i64, reason.clone()),
-        };
+        let (state, next, reply) = r.delivery.columns();
         stmt.execute(params![
             account,
             hash.0.as_slice(),

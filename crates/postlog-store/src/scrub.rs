@@ -21,7 +21,7 @@ use crate::db::{self, KIND_SCRUBBED};
 use crate::{Result, StoreError, blobs};
 
 /// A message's live records, in offset order.
-pub(crate) struct History {
+pub struct History {
     pub records: Vec<(LogOffset, Record)>,
 }
 
@@ -46,7 +46,7 @@ impl History {
 }
 
 /// Applies one record to a message's tag state (the same rule as every client).
-pub(crate) fn apply(st: &mut TagState, offset: LogOffset, rec: &Record) {
+pub fn apply(st: &mut TagState, offset: LogOffset, rec: &Record) {
     match rec {
         Record::Store { tags, .. } => st.apply_store(offset, tags),
         Record::Tags {
@@ -62,7 +62,7 @@ pub(crate) fn apply(st: &mut TagState, offset: LogOffset, rec: &Record) {
 }
 
 /// Reads and checks one record body.
-fn decode_row(account: AccountId, offset: LogOffset, body: &[u8], sum: &[u8]) -> Result<Record> {
+pub fn decode_row(account: AccountId, offset: LogOffset, body: &[u8], sum: &[u8]) -> Result<Record> {
     let corrupt = |why: String| StoreError::CorruptRecord {
         account: account.to_string(),
         offset,

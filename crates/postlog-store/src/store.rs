@@ -225,7 +225,7 @@ fn sync_filesystem(root: &Path) -> Result<()> {
 }
 
 /// Takes `postlog.lock` so that a second server on the same directory fails cleanly.
-fn lock_exclusive(root: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock_exclusive(root: &Path) -> Result<std::fs::File> {
     let path = root.join("postlog.lock");
     let f = std::fs::File::options()
         .create(true)
@@ -948,13 +948,7 @@ pub(crate) fn insert_record(
     record: &Record,
 ) -> Result<()> {
     let body = record.encode();
-    let kind = match record {
-        Record::Store { .. } => 0,
-        Record::Send { .. } => 1,
-        Record::Tags { .. } => 2,
-        Record::Scrub { .. } => 3,
-        Record::TagSnapshot { .. } => 4,
-    };
+    let kind = crate::kit::record_kind(record);
     tx.execute(
         "INSERT INTO log (account_id, offset, time_ms, kind, body, checksum)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

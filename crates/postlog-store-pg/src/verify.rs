@@ -1,0 +1,1 @@
+//! `postlog verify` for the PostgreSQL + S3 backend.
