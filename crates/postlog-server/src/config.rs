@@ -34,6 +34,53 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// Time and resource limits of QUIC connections (docs/PROTOCOL.md section 7).
     pub limits: LimitsConfig,
+    /// Where logs and blobs live: embedded (this directory) or PostgreSQL + S3
+    /// (docs/DEPLOYMENT.md).
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: `backend = "embedded"` (default; SQLite and files in the data directory)
+/// or `"postgres"` (several stateless nodes on one PostgreSQL database and one bucket).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// libpq connection string or URL (backend = "postgres").
+    pub postgres: Option<String>,
+    /// Read connections per node (default 8).
+    pub pool_size: Option<usize>,
+    /// The bucket (backend = "postgres").
+    pub s3: Option<postlog_store_pg::S3Settings>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Embedded,
+    Postgres,
+}
+
+impl StorageConfig {
+    /// The PostgreSQL + S3 settings, `None` for the embedded store.
+    pub fn postgres(&self) -> Result<Option<postlog_store_pg::PgSettings>, String> {
+        if self.backend == StorageBackend::Embedded {
+            return Ok(None);
+        }
+        let postgres = self
+            .postgres
+            .clone()
+            .ok_or("storage: backend = \"postgres\" needs postgres = \"<connection string>\"")?;
+        let s3 = self
+            .s3
+            .clone()
+            .ok_or("storage: backend = \"postgres\" needs a [storage.s3] section")?;
+        Ok(Some(postlog_store_pg::PgSettings {
+            postgres,
+            pool_size: self.pool_size.unwrap_or(8).max(1),
+            s3,
+        }))
+    }
 }
 
 /// Default `[limits]`: see [`LimitsConfig`].
@@ -411,6 +458,7 @@ impl Default for ServerConfig {
             retention: RetentionConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -434,6 +482,22 @@ pub const DEFAULT_TOML: &str = r#"# Postlog server configuration. Every setting 
 # self-signed pair is generated; clients pin its SHA-256 fingerprint from the login URL.
 # cert = "cert.pem"
 # key = "key.pem"
+
+# Storage (docs/DEPLOYMENT.md). "embedded" keeps everything in this directory. "postgres"
+# puts logs, accounts and queues in PostgreSQL and blobs in an S3-compatible bucket, so
+# that several server nodes can share them (`postlog migrate` copies this directory there).
+# [storage]
+# backend = "embedded"
+# postgres = "host=db.example.org user=postlog dbname=postlog"
+# pool_size = 8
+# [storage.s3]
+# endpoint = "https://s3.example.org"
+# bucket = "postlog"
+# region = "us-east-1"
+# access_key = "..."
+# secret_key = "..."
+# prefix = ""
+# allow_http = false
 
 # Mail in (docs/DELIVERY.md). Both listeners are off unless an address is set here or
 # given to `postlog serve --lmtp ADDR:PORT` / `--smtp ADDR:PORT`.
@@ -544,6 +608,7 @@ impl ServerConfig {
 
     /// Checks what serde cannot: tag syntax and non-zero limits.
     pub fn check(&self) -> Result<(), String> {
+        self.storage.postgres()?;
         let d = &self.delivery;
         if let Some(t) = d
             .initial_tags

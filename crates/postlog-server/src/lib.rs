@@ -27,6 +27,7 @@ mod relay;
 mod retention;
 mod server;
 mod smtp;
+pub mod storage;
 pub mod throttle;
 pub mod tls;
 

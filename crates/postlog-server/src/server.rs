@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use postlog_proto::error::close;
 use postlog_proto::{ErrorCode, Request, Response};
-use postlog_store::{AccountId, Backend, DeviceId, Store};
+use postlog_store::{AccountId, Backend, DeviceId};
 use tokio::sync::watch;
 
 use crate::config::{ConfigError, ServerConfig};
@@ -127,7 +127,7 @@ impl Server {
             Some(_) => Some(tls::smtp_server_config(&identity)?),
             None => None,
         };
-        let store: Arc<dyn Backend> = Arc::new(open_store(data)?);
+        let store: Arc<dyn Backend> = open_store(data, &config)?.into_backend();
         let heads = Heads::default();
         let publisher = heads.clone();
         store.set_head_watcher(Arc::new(move |account, head| {
@@ -295,12 +295,15 @@ fn relay_settings(data: &Path, config: &ServerConfig) -> Result<crate::relay::Re
     })
 }
 
-/// Opens the store, waiting up to [`LOCK_WAIT`] while another process (a direct
-/// `postlog deliver`) holds the data directory.
-fn open_store(data: &Path) -> Result<Store, ServerError> {
+/// Opens the configured storage, waiting up to [`LOCK_WAIT`] while another process (a
+/// direct `postlog deliver`) holds an embedded data directory.
+fn open_store(
+    data: &Path,
+    config: &ServerConfig,
+) -> Result<crate::storage::Storage, ServerError> {
     let started = std::time::Instant::now();
     loop {
-        match Store::open(data) {
+        match crate::storage::Storage::open(data, config) {
             Err(postlog_store::StoreError::Locked(_)) if started.elapsed() < LOCK_WAIT => {
                 std::thread::sleep(Duration::from_millis(50));
             }

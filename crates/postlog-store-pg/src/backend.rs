@@ -28,7 +28,7 @@ pub struct PgStore {
     pub(crate) objects: Arc<Objects>,
     writer: Mutex<mpsc::Sender<Job>>,
     shared: Arc<Shared>,
-    pub(crate) settings: PgSettings,
+    settings: PgSettings,
 }
 
 impl PgStore {
@@ -93,6 +93,11 @@ impl PgStore {
             shared,
             settings: settings.clone(),
         })
+    }
+
+    /// The settings this node was opened with.
+    pub fn settings(&self) -> &PgSettings {
+        &self.settings
     }
 
     pub(crate) fn run<T: Send + 'static>(

@@ -1,1 +1,161 @@
-//! `postlog verify` for the PostgreSQL + S3 backend.
+//! `postlog verify` for the PostgreSQL + S3 backend: the embedded store's checks
+//! (postlog-store `verify.rs`) on this schema, plus the `heads` rows and the bucket.
+
+use std::collections::HashSet;
+
+use postlog_proto::{BlobHash, Record};
+use postlog_store::kit::{self, KIND_SCRUBBED};
+use postlog_store::{StoreError, VerifyReport};
+
+use crate::{PgStore, R, col};
+
+impl PgStore {
+    /// Reads every record (offsets gap-free from 0 up to the account's Head, checksum,
+    /// decodable, indexed) and every blob a live Store record names (object present, hash
+    /// and size match). Objects no row names are counted as garbage, not problems (a crash
+    /// between upload and commit leaves them; [`PgStore::collect_garbage`] removes them).
+    pub fn verify(&self) -> Result<(VerifyReport, u64), StoreError> {
+        let accounts = self.run(|c| {
+            c.query("SELECT a.id, a.name, h.head FROM accounts a LEFT JOIN heads h ON h.account_id = a.id ORDER BY a.id", &[])?
+                .iter()
+                .map(|r| Ok((col::<i64>(r, 0)?, col::<String>(r, 1)?, col::<Option<i64>>(r, 2)?)))
+                .collect::<R<Vec<_>>>()
+        })?;
+        let mut report = VerifyReport::default();
+        let mut named: HashSet<(i64, BlobHash)> = HashSet::new();
+        for (id, name, head) in accounts {
+            report.accounts += 1;
+            let Some(head) = head else {
+                report.problems.push(format!("account {name}: no heads row"));
+                continue;
+            };
+            let mut expect = 0u64;
+            let mut live_refs = 0u64;
+            loop {
+                let from = expect as i64;
+                let rows = self.run(move |c| {
+                    c.query(
+                        "SELECT log_offset, kind, body, checksum FROM log
+                         WHERE account_id = $1 AND log_offset >= $2 ORDER BY log_offset LIMIT 2000",
+                        &[&id, &from],
+                    )?
+                    .iter()
+                    .map(|r| {
+                        Ok((
+                            col::<i64>(r, 0)? as u64,
+                            col::<i64>(r, 1)?,
+                            col::<Vec<u8>>(r, 2)?,
+                            col::<Vec<u8>>(r, 3)?,
+                        ))
+                    })
+                    .collect::<R<Vec<_>>>()
+                })?;
+                if rows.is_empty() {
+                    break;
+                }
+                for (offset, kind, body, sum) in rows {
+                    let mut problem =
+                        |what: String| report.problems.push(format!("account {name}, offset {offset}: {what}"));
+                    if offset != expect {
+                        problem(format!("gap: expected offset {expect}"));
+                    }
+                    expect = offset + 1;
+                    report.records += 1;
+                    if sum.as_slice() != kit::checksum(id, offset, &body) {
+                        problem("record checksum mismatch".into());
+                        continue;
+                    }
+                    if kind == KIND_SCRUBBED {
+                        report.scrubbed += 1;
+                        continue;
+                    }
+                    let record = match Record::decode(&body) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            problem(format!("record does not decode: {e}"));
+                            continue;
+                        }
+                    };
+                    if let Some(hash) = record.hash() {
+                        live_refs += 1;
+                        let o = offset as i64;
+                        let indexed = self.run(move |c| {
+                            Ok(c.query_opt(
+                                "SELECT 1 FROM refs WHERE account_id = $1 AND hash = $2 AND log_offset = $3",
+                                &[&id, &hash.0.as_slice(), &o],
+                            )?
+                            .is_some())
+                        })?;
+                        if !indexed {
+                            problem(format!("message {hash} is missing from the refs index"));
+                        }
+                    }
+                    if let Record::Store { hash, size, .. } = record {
+                        named.insert((id, hash));
+                        self.check_blob(id, &name, offset, &hash, size, &mut report)?;
+                    }
+                }
+            }
+            if expect != head as u64 {
+                report
+                    .problems
+                    .push(format!("account {name}: head is {head} but the log ends at {expect}"));
+            }
+            let refs: i64 = self.run(move |c| {
+                col(&c.query_one("SELECT COUNT(*) FROM refs WHERE account_id = $1", &[&id])?, 0)
+            })?;
+            if refs as u64 != live_refs {
+                report.problems.push(format!(
+                    "account {name}: the refs index has {refs} rows for {live_refs} live records"
+                ));
+            }
+        }
+        let garbage = self
+            .objects
+            .list()?
+            .into_iter()
+            .filter(|l| !named.contains(&(l.account, l.hash)))
+            .count() as u64;
+        Ok((report, garbage))
+    }
+
+    fn check_blob(
+        &self,
+        id: i64,
+        name: &str,
+        offset: u64,
+        hash: &BlobHash,
+        size: u64,
+        report: &mut VerifyReport,
+    ) -> Result<(), StoreError> {
+        let at = format!("account {name}, offset {offset}, blob {hash}");
+        let h = *hash;
+        let indexed = self.run(move |c| {
+            c.query_opt(
+                "SELECT log_offset FROM blobs WHERE account_id = $1 AND hash = $2",
+                &[&id, &h.0.as_slice()],
+            )?
+            .map(|r| col::<i64>(&r, 0))
+            .transpose()
+        })?;
+        if indexed != Some(offset as i64) {
+            report.problems.push(format!("{at}: index says {indexed:?}"));
+        }
+        match self.objects.get(id, hash)? {
+            Some(bytes) => {
+                report.blobs += 1;
+                report.blob_bytes += bytes.len() as u64;
+                if BlobHash::of(&bytes) != *hash {
+                    report.problems.push(format!("{at}: content does not match its hash"));
+                } else if bytes.len() as u64 != size {
+                    report
+                        .problems
+                        .push(format!("{at}: size {} != recorded {size}", bytes.len()));
+                }
+            }
+            None => report.problems.push(format!("{at}: object missing")),
+        }
+        Ok(())
+    }
+}
+

@@ -39,6 +39,12 @@ pub enum Command {
     Deliver(DeliverArgs),
     /// Check every record and every blob of a data directory; non-zero exit on problems.
     Verify(DataArg),
+    /// Copy an embedded data directory (server stopped) into the PostgreSQL + S3 storage
+    /// configured in --data's postlog.toml, keeping every offset (docs/DEPLOYMENT.md).
+    Migrate(MigrateArgs),
+    /// Remove objects that no record names (left by a crash between upload and commit;
+    /// PostgreSQL + S3 storage only).
+    Gc(GcArgs),
     /// Store a login URL (from `postlog account add`) in a client profile.
     Login(LoginArgs),
     /// Sync the account into the local Maildir (oneshot, or --watch for push).
@@ -58,6 +64,27 @@ pub enum Command {
     Sendmail(SendmailArgs),
     /// Run a self-contained demonstration on loopback, with timings; needs no setup.
     Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The embedded data directory to copy (no server may run on it).
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    #[command(flatten)]
+    pub data: DataArg,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Only objects at least this old (uploads of a commit still running are younger).
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub min_age: String,
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +360,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Account(AccountCmd::Add(a)) => s::account_add(a),
         Command::Device(d) => s::device(d),
         Command::Verify(a) => s::verify(a),
+        Command::Migrate(a) => s::migrate(a),
+        Command::Gc(a) => s::gc(a),
         Command::Deliver(a) => Ok(crate::deliver::run(a)),
         Command::Login(a) => c::login(a).await,
         Command::Sync(a) => c::sync(a).await,

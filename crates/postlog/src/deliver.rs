@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use postlog_server::ServerConfig;
-use postlog_store::{Backend, NewRecord, Store, StoreError};
+use postlog_server::storage::Storage;
+use postlog_store::{NewRecord, StoreError};
 
 use crate::cli::DeliverArgs;
 
@@ -74,7 +75,7 @@ fn deliver(a: &DeliverArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let busy_wait = busy_wait();
     loop {
-        match Store::open(data) {
+        match Storage::open(data, &config) {
             Ok(store) => return store_directly(&store, &config, a, &message),
             Err(StoreError::Locked(_)) => {}
             Err(e) => return Err(temp(format!("opening {}: {e}", data.display()))),
@@ -137,16 +138,19 @@ fn normalise(input: &[u8]) -> Vec<u8> {
 }
 
 fn store_directly(
-    store: &Store,
+    store: &Storage,
     config: &ServerConfig,
     a: &DeliverArgs,
     message: &[u8],
 ) -> Result<(), Failure> {
     let temp = |e: StoreError| Failure(EX_TEMPFAIL, e.to_string());
-    let account = match store.account_id(&a.account) {
-        Ok(id) => id,
-        Err(StoreError::NoSuchAccount(n)) => {
-            return Err(Failure(EX_NOUSER, format!("no account named {n}")));
+    let account = match store.backend().account_by_name(&a.account) {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            return Err(Failure(
+                EX_NOUSER,
+                format!("no account named {}", a.account),
+            ));
         }
         Err(e) => return Err(temp(e)),
     };
@@ -162,6 +166,7 @@ fn store_directly(
     let mut head = postlog_smtp::received::return_path(a.from.as_deref().unwrap_or(""));
     head.push_str(&postlog_smtp::received::received(&trace, unix_now()));
     let mut writer = store
+        .backend()
         .blob_writer(config.max_message_size + TRACE_ROOM)
         .map_err(temp)?;
     writer.write(head.as_bytes()).map_err(temp)?;

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use postlog_server::{Server, ServerConfig, StartOptions};
-use postlog_store::Accounts;
+use postlog_server::storage::Admin;
 
-use crate::cli::{AccountAddArgs, DataArg, DeviceCmd, ServeArgs};
+use crate::cli::{AccountAddArgs, DataArg, DeviceCmd, GcArgs, MigrateArgs, ServeArgs};
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let opts = StartOptions {
@@ -76,7 +76,7 @@ pub fn account_add(a: AccountAddArgs) -> anyhow::Result<ExitCode> {
     // Make sure config and certificate exist, so the URL carries the right fingerprint.
     ServerConfig::load_or_init(data)?;
     let mut accounts =
-        Accounts::open(data).with_context(|| format!("opening {}", data.display()))?;
+        Admin::open(data).with_context(|| format!("opening {}", data.display()))?;
     let creds = accounts.add_device(&a.name, &a.addresses, &a.device)?;
     let url = login_url(data, &creds, a.server)?;
     eprintln!("account {}: device {} added", creds.account, creds.device);
@@ -87,7 +87,7 @@ pub fn account_add(a: AccountAddArgs) -> anyhow::Result<ExitCode> {
 pub fn device(d: DeviceCmd) -> anyhow::Result<ExitCode> {
     match d {
         DeviceCmd::List { account, data } => {
-            let accounts = Accounts::open(&data.data)?;
+            let accounts = Admin::open(&data.data)?;
             for dev in accounts.list_devices(&account)? {
                 println!(
                     "{}\t{}\t{}",
@@ -102,7 +102,7 @@ pub fn device(d: DeviceCmd) -> anyhow::Result<ExitCode> {
             device,
             data,
         } => {
-            let accounts = Accounts::open(&data.data)?;
+            let accounts = Admin::open(&data.data)?;
             if !accounts.revoke_device(&account, device)? {
                 anyhow::bail!("account {account} has no device {device}");
             }
@@ -113,8 +113,11 @@ pub fn device(d: DeviceCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub fn verify(a: DataArg) -> anyhow::Result<ExitCode> {
-    let report = postlog_store::verify(&a.data)
+    let (report, garbage) = postlog_server::storage::verify(&a.data)
         .with_context(|| format!("verifying {}", a.data.display()))?;
+    if garbage > 0 {
+        println!("{garbage} unreferenced objects (not a problem; `postlog gc` removes them)");
+    }
     println!(
         "{} accounts, {} records ({} scrubbed), {} blobs, {} bytes",
         report.accounts, report.records, report.scrubbed, report.blobs, report.blob_bytes
@@ -129,4 +132,63 @@ pub fn verify(a: DataArg) -> anyhow::Result<ExitCode> {
         println!("{} problems", report.problems.len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let data = &a.data.data;
+    let config = ServerConfig::load_or_init(data)?;
+    let Some(settings) = config.storage.postgres().map_err(anyhow::Error::msg)? else {
+        anyhow::bail!(
+            "{}: [storage] backend is \"embedded\"; set backend = \"postgres\" with the \
+             database and bucket to migrate into (docs/DEPLOYMENT.md)",
+            data.join("postlog.toml").display()
+        );
+    };
+    let target = postlog_store_pg::PgStore::open(&settings, data)
+        .context("opening the PostgreSQL + S3 storage")?;
+    use std::io::IsTerminal;
+    let bar = if !a.quiet && std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} blobs of {msg} (eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let report = target
+        .migrate_from(&a.from, &|p| {
+            bar.set_length(p.blobs_total);
+            bar.set_position(p.blobs_done);
+            bar.set_message(p.account.clone());
+        })
+        .with_context(|| format!("migrating {}", a.from.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "migrated {} accounts ({} already there), {} records, {} blobs ({} bytes), {} devices in {:.1} s",
+        report.accounts,
+        report.skipped,
+        report.records,
+        report.blobs,
+        report.blob_bytes,
+        report.devices,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(a: GcArgs) -> anyhow::Result<ExitCode> {
+    let data = &a.data.data;
+    let config = ServerConfig::load_or_init(data)?;
+    let min_age = postlog_server::config::parse_duration(&a.min_age).map_err(anyhow::Error::msg)?;
+    let Some(settings) = config.storage.postgres().map_err(anyhow::Error::msg)? else {
+        println!("embedded storage: nothing to collect (deletions remove their files)");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let store = postlog_store_pg::PgStore::open(&settings, data)?;
+    let removed = store.collect_garbage(min_age)?;
+    println!("removed {removed} unreferenced objects");
+    Ok(ExitCode::SUCCESS)
 }
