@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use postlog_proto::Record;
 use postlog_server::StartOptions;
-use postlog_store::{Accounts, Backend, Store};
 use rand::{Rng, SeedableRng};
 
 /// The message size limit the tests configure.
@@ -24,8 +23,7 @@ const LIMIT: u64 = 100_000;
 
 fn add_account(data: &Path, name: &str, addresses: &[&str]) {
     let addresses: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
-    Accounts::open(data)
-        .unwrap()
+    common::admin(data)
         .add_device(name, &addresses, "test")
         .unwrap();
 }
@@ -37,13 +35,16 @@ fn write_config(data: &Path, extra: &str) {
         format!("max_message_size = {LIMIT}\n{extra}"),
     )
     .unwrap();
+    common::prepare_data(data);
 }
 
 /// Every message of an account, read from a stopped server's data directory:
 /// (Store record tags, bytes).
 fn messages(data: &Path, account: &str) -> Vec<(Vec<String>, Vec<u8>)> {
-    let store = Store::open(data).unwrap();
-    let id = store.account_id(account).unwrap();
+    let config = postlog_server::ServerConfig::load_or_init(data).unwrap();
+    let storage = postlog_server::storage::Storage::open(data, &config).unwrap();
+    let store = storage.backend();
+    let id = store.account_by_name(account).unwrap().unwrap();
     let mut out = Vec::new();
     for e in store.read_log(id, 0, 100_000).unwrap() {
         if let Record::Store { hash, tags, .. } = e.record {

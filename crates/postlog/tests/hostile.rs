@@ -330,7 +330,7 @@ async fn full_sync_and_concurrent_tags_survive_impaired_networks() {
     }
     conn.close();
     server.stop().await;
-    let report = postlog_store::verify(&data).unwrap();
+    let report = common::verify(&data);
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 

@@ -221,8 +221,8 @@ async fn sendmail_relays_retries_bounces_and_survives_kills() {
         .parse()
         .unwrap();
     let login = |device: &str, addresses: &[String]| {
-        let c = postlog_store::Accounts::open(&data)
-            .and_then(|mut a| a.add_device("ann", addresses, device))
+        let c = common::admin(&data)
+            .add_device("ann", addresses, device)
             .unwrap();
         LoginUrl {
             account: c.account,

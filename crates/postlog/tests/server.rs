@@ -149,8 +149,7 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
         .connect(&lost_laptop)
         .await
         .unwrap();
-    postlog_store::Accounts::open(dir.path())
-        .unwrap()
+    common::admin(dir.path())
         .revoke_device("ann", lost_laptop.device)
         .unwrap();
     let why = tokio::time::timeout(std::time::Duration::from_secs(10), c3.closed())
@@ -170,7 +169,7 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
         "other devices are unaffected"
     );
     server.stop().await;
-    let report = postlog_store::verify(dir.path()).unwrap();
+    let report = common::verify(dir.path());
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.records, N as u64);
 }

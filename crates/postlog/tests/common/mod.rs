@@ -23,6 +23,75 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral UDP port")
 }
 
+/// Whether this run uses PostgreSQL + S3 (`POSTLOG_TEST_BACKEND=postgres`, with the
+/// services of `scripts/test-services.sh`) instead of the embedded store. The same tests run
+/// on both; the few checks that read embedded files directly are skipped on PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("POSTLOG_TEST_BACKEND").is_ok_and(|v| v == "postgres")
+}
+
+fn service_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: POSTLOG_TEST_BACKEND=postgres needs the test services \
+             (scripts/test-services.sh start; source its env)"
+        )
+    })
+}
+
+/// Points a data directory at the test backend: on PostgreSQL, a fresh database and a fresh
+/// bucket prefix, added to its postlog.toml as `[storage]`. Idempotent; nothing to do for
+/// the embedded store. Every way the tests open a server or an account calls it.
+pub fn prepare_data(data: &Path) {
+    if !on_postgres() {
+        return;
+    }
+    let path = data.join("postlog.toml");
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    if existing.contains("[storage]") {
+        return;
+    }
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(&path, format!("{existing}\n{}", storage_toml())).unwrap();
+}
+
+/// A `[storage]` section on a new, empty database and bucket prefix.
+pub fn storage_toml() -> String {
+    let admin = service_env("POSTLOG_TEST_POSTGRES");
+    let db = format!("postlog_t_{:016x}", rand::random::<u64>());
+    let create = format!("CREATE DATABASE {db}");
+    let a = admin.clone();
+    // The synchronous client must not run on a runtime's thread.
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&a, postgres::NoTls).expect("connect to the test PostgreSQL");
+        c.batch_execute(&create).expect("create a test database");
+    })
+    .join()
+    .unwrap();
+    format!(
+        "[storage]\nbackend = \"postgres\"\npostgres = \"{admin} dbname={db}\"\npool_size = 4\n\
+         [storage.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\n\
+         access_key = \"{}\"\nsecret_key = \"{}\"\nprefix = \"{db}/\"\nallow_http = true\n",
+        service_env("POSTLOG_TEST_S3_ENDPOINT"),
+        service_env("POSTLOG_TEST_S3_BUCKET"),
+        service_env("POSTLOG_TEST_S3_REGION"),
+        service_env("POSTLOG_TEST_S3_ACCESS_KEY"),
+        service_env("POSTLOG_TEST_S3_SECRET_KEY"),
+    )
+}
+
+/// Account administration on the data directory's backend (embedded or PostgreSQL).
+pub fn admin(data: &Path) -> postlog_server::storage::Admin {
+    prepare_data(data);
+    postlog_server::storage::Admin::open(data).expect("open the account store")
+}
+
+/// `postlog verify` on the data directory's backend: the report and the count of
+/// unreferenced objects (PostgreSQL + S3 only).
+pub fn verify(data: &Path) -> postlog_store::VerifyReport {
+    postlog_server::storage::verify(data).expect("verify").0
+}
+
 /// A server running in this process, stopped on drop.
 pub struct InProcess {
     pub addr: SocketAddr,
@@ -44,6 +113,7 @@ impl InProcess {
         mut opts: StartOptions,
     ) -> (InProcess, Option<SocketAddr>, Option<SocketAddr>) {
         opts.listen = Some("127.0.0.1:0".parse().unwrap());
+        prepare_data(data);
         let server = Server::start_with(data, opts).expect("server starts");
         let mail = (server.lmtp_addr(), server.smtp_addr());
         (Self::run(server, data), mail.0, mail.1)
@@ -89,8 +159,8 @@ impl Drop for InProcess {
 }
 
 pub fn account_on(data: &Path, addr: SocketAddr, fingerprint: &str, name: &str) -> LoginUrl {
-    let creds = postlog_store::Accounts::open(data)
-        .and_then(|mut a| a.add_device(name, &[], "test"))
+    let creds = admin(data)
+        .add_device(name, &[], "test")
         .expect("add device");
     LoginUrl {
         account: creds.account,
@@ -130,6 +200,7 @@ impl ServerProcess {
 
     /// With extra `postlog serve` flags, e.g. `["--lmtp", "127.0.0.1:2424"]`.
     pub fn spawn_with(data: &Path, addr: SocketAddr, extra: &[&str]) -> ServerProcess {
+        prepare_data(data);
         let child = Command::new(bin())
             .args(["serve", "--data"])
             .arg(data)
