@@ -174,7 +174,7 @@ garage_install() {
   command -v make >/dev/null || need+=(make)
   [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
   mkdir -p "$TOOLS"
-  say "building Garage $GARAGE_VERSION into $GARAGE_ROOT: this takes several minutes, once per machine"
+  say "building Garage $GARAGE_VERSION into $GARAGE_ROOT: this takes several minutes (about 10-15 on 2 cores), once per machine"
   local t0=$SECONDS
   (
     flock -w 1800 9 || die "waited 30 min for $CARGO_LOCK (another cargo build holds it)"
