@@ -30,23 +30,37 @@ fn spawn_read(
         let store = &c.shared.store;
         let entries = store.read_log(c.account, from, LOG_BATCH)?;
         let mut more = entries.len() == LOG_BATCH;
-        let mut out = Vec::with_capacity(entries.len());
+        // The entries this step sends (up to LOG_BATCH_BYTES of messages), and their
+        // messages, read in one call (concurrently, where the backend can).
+        let mut take = entries.len();
         let mut bytes = 0u64;
-        for entry in entries {
+        let mut wanted = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
             if bytes >= LOG_BATCH_BYTES {
                 more = true;
+                take = i;
                 break;
             }
+            if let (Record::Store { hash, size, .. }, true) = (&entry.record, inline) {
+                bytes += size;
+                wanted.push(*hash);
+            }
+        }
+        let mut blobs = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            store.read_blobs(c.account, &wanted)?
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(take);
+        for entry in entries.into_iter().take(take) {
             let blob = match (&entry.record, inline) {
-                (Record::Store { hash, size, .. }, true) => {
-                    bytes += size;
-                    match store.read_blob(c.account, hash)? {
-                        Some(b) => Some(b),
-                        // Deleted since the log was read: the entry is skipped like the
-                        // scrubbed record it now is, and its Scrub follows.
-                        None => continue,
-                    }
-                }
+                (Record::Store { .. }, true) => match blobs.next().flatten() {
+                    Some(b) => Some(b),
+                    // Deleted since the log was read: the entry is skipped like the
+                    // scrubbed record it now is, and its Scrub follows.
+                    None => continue,
+                },
                 _ => None,
             };
             out.push((entry, blob));

@@ -297,10 +297,7 @@ fn relay_settings(data: &Path, config: &ServerConfig) -> Result<crate::relay::Re
 
 /// Opens the configured storage, waiting up to [`LOCK_WAIT`] while another process (a
 /// direct `postlog deliver`) holds an embedded data directory.
-fn open_store(
-    data: &Path,
-    config: &ServerConfig,
-) -> Result<crate::storage::Storage, ServerError> {
+fn open_store(data: &Path, config: &ServerConfig) -> Result<crate::storage::Storage, ServerError> {
     let started = std::time::Instant::now();
     loop {
         match crate::storage::Storage::open(data, config) {

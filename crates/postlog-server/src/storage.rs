@@ -61,10 +61,13 @@ fn pg_settings(
     data: &Path,
     config: &ServerConfig,
 ) -> Result<Option<postlog_store_pg::PgSettings>, StoreError> {
-    config.storage.postgres().map_err(|why| StoreError::Invalid {
-        what: "configuration",
-        why: format!("{}: {why}", data.join("postlog.toml").display()),
-    })
+    config
+        .storage
+        .postgres()
+        .map_err(|why| StoreError::Invalid {
+            what: "configuration",
+            why: format!("{}: {why}", data.join("postlog.toml").display()),
+        })
 }
 
 /// Account administration on the configured backend; safe while servers run.

@@ -107,7 +107,10 @@ fn required(c: &mut impl GenericClient, name: &str) -> R<AccountId> {
 
 pub(crate) fn resolve_address(c: &mut impl GenericClient, address: &str) -> R<Option<AccountId>> {
     for cand in kit::address_candidates(address) {
-        if let Some(r) = c.query_opt("SELECT account_id FROM addresses WHERE address = $1", &[&cand])? {
+        if let Some(r) = c.query_opt(
+            "SELECT account_id FROM addresses WHERE address = $1",
+            &[&cand],
+        )? {
             return Ok(Some(col(&r, 0)?));
         }
     }
@@ -132,7 +135,11 @@ pub(crate) fn list_devices(c: &mut impl GenericClient, account: &str) -> R<Vec<D
     .collect()
 }
 
-pub(crate) fn revoke_device(c: &mut impl GenericClient, account: &str, device: DeviceId) -> R<bool> {
+pub(crate) fn revoke_device(
+    c: &mut impl GenericClient,
+    account: &str,
+    device: DeviceId,
+) -> R<bool> {
     let id = required(c, account)?;
     Ok(c.execute(
         "UPDATE devices SET revoked = true WHERE account_id = $1 AND id = $2",

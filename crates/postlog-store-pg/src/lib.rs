@@ -96,7 +96,9 @@ impl From<Error> for StoreError {
             Error::Store(s) => s,
             Error::Pg(e) => StoreError::Remote {
                 engine: "PostgreSQL",
-                why: e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string()),
+                why: e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.to_string()),
             },
             Error::Objects(e) => StoreError::Remote {
                 engine: "object storage",

@@ -82,7 +82,9 @@ impl PgStore {
             for (i, (hash, _, _)) in blobs.iter().enumerate() {
                 let bytes = ex.read_blob(id, hash)?.ok_or_else(|| StoreError::Invalid {
                     what: "source data directory",
-                    why: format!("account {name}: blob {hash} is indexed but missing (run postlog verify)"),
+                    why: format!(
+                        "account {name}: blob {hash} is indexed but missing (run postlog verify)"
+                    ),
                 })?;
                 report.blob_bytes += bytes.len() as u64;
                 self.objects.put_bytes(id, hash, bytes)?;

@@ -61,7 +61,11 @@ impl Objects {
     }
 
     fn key(&self, account: AccountId, hash: &BlobHash) -> Path {
-        Path::from(format!("{}accounts/{account}/{}", self.prefix, hash.to_hex()))
+        Path::from(format!(
+            "{}accounts/{account}/{}",
+            self.prefix,
+            hash.to_hex()
+        ))
     }
 
     /// Runs a future on the module's runtime and waits for it.
@@ -117,6 +121,35 @@ impl Objects {
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(e.into()),
             }
+        })
+    }
+
+    /// Several objects, fetched [`PARALLEL_PUTS`] at a time; `None` for a missing one.
+    pub(crate) fn get_many(
+        &self,
+        account: AccountId,
+        hashes: &[BlobHash],
+    ) -> R<Vec<(BlobHash, Option<Vec<u8>>)>> {
+        let store = self.store.clone();
+        let jobs: Vec<(BlobHash, Path)> =
+            hashes.iter().map(|h| (*h, self.key(account, h))).collect();
+        self.block(async move {
+            let mut gets = futures_util::stream::iter(jobs.into_iter().map(|(hash, key)| {
+                let store = store.clone();
+                async move {
+                    match store.get(&key).await {
+                        Ok(r) => Ok((hash, Some(r.bytes().await?.to_vec()))),
+                        Err(object_store::Error::NotFound { .. }) => Ok((hash, None)),
+                        Err(e) => Err(Error::from(e)),
+                    }
+                }
+            }))
+            .buffered(PARALLEL_PUTS);
+            let mut out = Vec::new();
+            while let Some(r) = gets.next().await {
+                out.push(r?);
+            }
+            Ok(out)
         })
     }
 

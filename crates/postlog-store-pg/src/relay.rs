@@ -83,7 +83,14 @@ pub(crate) fn apply_report(
         let (state, next, reply) = r.delivery.columns();
         c.execute(
             &stmt,
-            &[&account, &hash.0.as_slice(), &r.recipient, &state, &next, &reply],
+            &[
+                &account,
+                &hash.0.as_slice(),
+                &r.recipient,
+                &state,
+                &next,
+                &reply,
+            ],
         )?;
     }
     if before == 0 || pending(c, account, hash)? > 0 {
@@ -145,7 +152,10 @@ pub(crate) fn due(c: &mut impl GenericClient, now: u64, max: usize) -> R<Vec<Que
     )?;
     for q in &out {
         for (r, _) in &q.recipients {
-            tx.execute(&claim, &[&q.account, &q.hash.0.as_slice(), r, &(now + LEASE_MS)])?;
+            tx.execute(
+                &claim,
+                &[&q.account, &q.hash.0.as_slice(), r, &(now + LEASE_MS)],
+            )?;
         }
     }
     tx.commit()?;

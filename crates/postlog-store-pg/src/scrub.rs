@@ -14,7 +14,11 @@ use crate::writer::insert_record;
 use crate::{R, col};
 
 /// Every live record that refers to `hash`, through the `refs` index.
-pub(crate) fn history(c: &mut impl GenericClient, account: AccountId, hash: &BlobHash) -> R<History> {
+pub(crate) fn history(
+    c: &mut impl GenericClient,
+    account: AccountId,
+    hash: &BlobHash,
+) -> R<History> {
     let rows = c.query(
         "SELECT l.log_offset, l.body, l.checksum FROM refs r
          JOIN log l ON l.account_id = r.account_id AND l.log_offset = r.log_offset
@@ -70,7 +74,10 @@ fn scrub_offsets(
     let del = c.prepare("DELETE FROM refs WHERE account_id = $1 AND log_offset = $2")?;
     for o in offsets {
         let sum = kit::checksum(account, *o, &[]);
-        c.execute(&update, &[&account, &(*o as i64), &KIND_SCRUBBED, &sum.as_slice()])?;
+        c.execute(
+            &update,
+            &[&account, &(*o as i64), &KIND_SCRUBBED, &sum.as_slice()],
+        )?;
         c.execute(&del, &[&account, &(*o as i64)])?;
     }
     for chunk in offsets.chunks(MAX_SCRUB_OFFSETS) {

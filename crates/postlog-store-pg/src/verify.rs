@@ -26,11 +26,14 @@ impl PgStore {
         for (id, name, head) in accounts {
             report.accounts += 1;
             let Some(head) = head else {
-                report.problems.push(format!("account {name}: no heads row"));
+                report
+                    .problems
+                    .push(format!("account {name}: no heads row"));
                 continue;
             };
             let mut expect = 0u64;
             let mut live_refs = 0u64;
+            let mut stores = Vec::new();
             loop {
                 let from = expect as i64;
                 let rows = self.run(move |c| {
@@ -54,8 +57,11 @@ impl PgStore {
                     break;
                 }
                 for (offset, kind, body, sum) in rows {
-                    let mut problem =
-                        |what: String| report.problems.push(format!("account {name}, offset {offset}: {what}"));
+                    let mut problem = |what: String| {
+                        report
+                            .problems
+                            .push(format!("account {name}, offset {offset}: {what}"))
+                    };
                     if offset != expect {
                         problem(format!("gap: expected offset {expect}"));
                     }
@@ -92,17 +98,22 @@ impl PgStore {
                     }
                     if let Record::Store { hash, size, .. } = record {
                         named.insert((id, hash));
-                        self.check_blob(id, &name, offset, &hash, size, &mut report)?;
+                        stores.push((offset, hash, size));
                     }
                 }
+                // The chunk's blobs, fetched concurrently.
+                self.check_blobs(id, &name, std::mem::take(&mut stores), &mut report)?;
             }
             if expect != head as u64 {
-                report
-                    .problems
-                    .push(format!("account {name}: head is {head} but the log ends at {expect}"));
+                report.problems.push(format!(
+                    "account {name}: head is {head} but the log ends at {expect}"
+                ));
             }
             let refs: i64 = self.run(move |c| {
-                col(&c.query_one("SELECT COUNT(*) FROM refs WHERE account_id = $1", &[&id])?, 0)
+                col(
+                    &c.query_one("SELECT COUNT(*) FROM refs WHERE account_id = $1", &[&id])?,
+                    0,
+                )
             })?;
             if refs as u64 != live_refs {
                 report.problems.push(format!(
@@ -119,43 +130,49 @@ impl PgStore {
         Ok((report, garbage))
     }
 
-    fn check_blob(
+    fn check_blobs(
         &self,
         id: i64,
         name: &str,
-        offset: u64,
-        hash: &BlobHash,
-        size: u64,
+        stores: Vec<(u64, BlobHash, u64)>,
         report: &mut VerifyReport,
     ) -> Result<(), StoreError> {
-        let at = format!("account {name}, offset {offset}, blob {hash}");
-        let h = *hash;
-        let indexed = self.run(move |c| {
-            c.query_opt(
-                "SELECT log_offset FROM blobs WHERE account_id = $1 AND hash = $2",
-                &[&id, &h.0.as_slice()],
+        let hashes: Vec<BlobHash> = stores.iter().map(|(_, h, _)| *h).collect();
+        let wanted: Vec<Vec<u8>> = hashes.iter().map(|h| h.0.to_vec()).collect();
+        let indexed: std::collections::HashMap<BlobHash, i64> = self.run(move |c| {
+            c.query(
+                "SELECT hash, log_offset FROM blobs WHERE account_id = $1 AND hash = ANY($2)",
+                &[&id, &wanted],
             )?
-            .map(|r| col::<i64>(&r, 0))
-            .transpose()
+            .iter()
+            .map(|r| Ok((crate::hash_col(r, 0)?, col::<i64>(r, 1)?)))
+            .collect::<R<_>>()
         })?;
-        if indexed != Some(offset as i64) {
-            report.problems.push(format!("{at}: index says {indexed:?}"));
-        }
-        match self.objects.get(id, hash)? {
-            Some(bytes) => {
-                report.blobs += 1;
-                report.blob_bytes += bytes.len() as u64;
-                if BlobHash::of(&bytes) != *hash {
-                    report.problems.push(format!("{at}: content does not match its hash"));
-                } else if bytes.len() as u64 != size {
-                    report
-                        .problems
-                        .push(format!("{at}: size {} != recorded {size}", bytes.len()));
-                }
+        let mut objects: std::collections::HashMap<BlobHash, Option<Vec<u8>>> =
+            self.objects.get_many(id, &hashes)?.into_iter().collect();
+        for (offset, hash, size) in stores {
+            let at = format!("account {name}, offset {offset}, blob {hash}");
+            let index = indexed.get(&hash).copied();
+            if index != Some(offset as i64) {
+                report.problems.push(format!("{at}: index says {index:?}"));
             }
-            None => report.problems.push(format!("{at}: object missing")),
+            match objects.remove(&hash).flatten() {
+                Some(bytes) => {
+                    report.blobs += 1;
+                    report.blob_bytes += bytes.len() as u64;
+                    if BlobHash::of(&bytes) != hash {
+                        report
+                            .problems
+                            .push(format!("{at}: content does not match its hash"));
+                    } else if bytes.len() as u64 != size {
+                        report
+                            .problems
+                            .push(format!("{at}: size {} != recorded {size}", bytes.len()));
+                    }
+                }
+                None => report.problems.push(format!("{at}: object missing")),
+            }
         }
         Ok(())
     }
 }
-

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use postgres::{Client, GenericClient};
 use postlog_proto::{BlobHash, LogOffset, Record};
 use postlog_store::kit::{self, HeadWatcher};
-use postlog_store::{AccountId, Appended, DeviceId, NewRecord, SERVER_DEVICE, StagedBlob, StoreError};
+use postlog_store::{
+    AccountId, Appended, DeviceId, NewRecord, SERVER_DEVICE, StagedBlob, StoreError,
+};
 
 use crate::objects::Objects;
 use crate::{Error, R, col, relay, scrub};
@@ -60,7 +62,12 @@ impl Shared {
     }
 }
 
-pub(crate) fn run(url: String, objects: Arc<Objects>, shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
+pub(crate) fn run(
+    url: String,
+    objects: Arc<Objects>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Job>,
+) {
     let mut client: Option<Client> = None;
     // Deletions a crash (of this or another node) left between commit and object removal.
     if let Ok(mut c) = crate::pool::connect(&url) {
@@ -131,7 +138,10 @@ pub(crate) fn run(url: String, objects: Arc<Objects>, shared: Arc<Shared>, rx: m
     }
 }
 
-type Outcome = (Vec<Result<Appended, StoreError>>, HashMap<AccountId, LogOffset>);
+type Outcome = (
+    Vec<Result<Appended, StoreError>>,
+    HashMap<AccountId, LogOffset>,
+);
 
 /// Messages a group places: account + hash -> the Store offset.
 type Placed = HashMap<(AccountId, BlobHash), LogOffset>;
@@ -272,7 +282,16 @@ fn commit_group(
                 let mut head = head;
                 let size = blob.size;
                 if held_at(&mut tx, &placed, account, &hash)?.is_some() {
-                    server_tags(&mut tx, &mut tag_ops, account, head, now, hash, tags, vec![])?;
+                    server_tags(
+                        &mut tx,
+                        &mut tag_ops,
+                        account,
+                        head,
+                        now,
+                        hash,
+                        tags,
+                        vec![],
+                    )?;
                 } else {
                     place(account, blob);
                     insert_message(&mut tx, account, head, now, hash, size, tags)?;
@@ -449,7 +468,12 @@ fn insert_message(
     insert_record(c, account, offset, now, &Record::Store { hash, size, tags })?;
     c.execute(
         "INSERT INTO blobs (account_id, hash, log_offset, size) VALUES ($1, $2, $3, $4)",
-        &[&account, &hash.0.as_slice(), &(offset as i64), &(size as i64)],
+        &[
+            &account,
+            &hash.0.as_slice(),
+            &(offset as i64),
+            &(size as i64),
+        ],
     )?;
     Ok(())
 }
@@ -477,7 +501,12 @@ fn server_tags(
     insert_record(c, account, offset, now, &rec)?;
     c.execute(
         "INSERT INTO tag_ops (account_id, device, seq, log_offset) VALUES ($1, $2, $3, $4)",
-        &[&account, &(SERVER_DEVICE as i64), &(offset as i64), &(offset as i64)],
+        &[
+            &account,
+            &(SERVER_DEVICE as i64),
+            &(offset as i64),
+            &(offset as i64),
+        ],
     )?;
     tag_ops.insert((account, SERVER_DEVICE, offset), offset);
     Ok(())
@@ -510,7 +539,12 @@ fn scrub_outcome(
 /// Removes a deleted message's object, unless the account stored the same bytes again;
 /// under the account's lock, so a concurrent Store of those bytes on another node cannot
 /// have its fresh upload removed.
-pub(crate) fn unlink(c: &mut Client, objects: &Objects, account: AccountId, hash: &BlobHash) -> R<()> {
+pub(crate) fn unlink(
+    c: &mut Client,
+    objects: &Objects,
+    account: AccountId,
+    hash: &BlobHash,
+) -> R<()> {
     let mut tx = c.transaction()?;
     tx.execute(
         "SELECT head FROM heads WHERE account_id = $1 FOR UPDATE",

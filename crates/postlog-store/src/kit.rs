@@ -2,13 +2,15 @@
 //! or an account rule means the same thing in the embedded store and in
 //! `postlog-store-pg` (PostgreSQL + S3). Nothing here touches a database.
 
-pub use crate::accounts::{address_candidates, normalize_address, secret_hash, validate_account_name};
+pub use crate::accounts::{
+    address_candidates, normalize_address, secret_hash, validate_account_name,
+};
 pub use crate::blobs::{blob_path, read_verified};
 pub use crate::db::{KIND_SCRUBBED, checksum};
+pub use crate::now_ms;
 pub use crate::relay::{DELIVERED, FAILED, PENDING};
 pub use crate::scrub::{History, apply, decode_row};
 pub use crate::store::HeadWatcher;
-pub use crate::now_ms;
 
 use postlog_proto::Record;
 

@@ -61,9 +61,11 @@ impl Delivery {
         match self {
             Delivery::Delivered { reply } => (DELIVERED, 0, reply.clone()),
             Delivery::Failed { code, reason } => (FAILED, 0, format!("{code} {reason}")),
-            Delivery::Retry { reason, next_ms } => {
-                (PENDING, (*next_ms).min(i64::MAX as u64) as i64, reason.clone())
-            }
+            Delivery::Retry { reason, next_ms } => (
+                PENDING,
+                (*next_ms).min(i64::MAX as u64) as i64,
+                reason.clone(),
+            ),
         }
     }
 }

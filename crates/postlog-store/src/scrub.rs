@@ -62,7 +62,12 @@ pub fn apply(st: &mut TagState, offset: LogOffset, rec: &Record) {
 }
 
 /// Reads and checks one record body.
-pub fn decode_row(account: AccountId, offset: LogOffset, body: &[u8], sum: &[u8]) -> Result<Record> {
+pub fn decode_row(
+    account: AccountId,
+    offset: LogOffset,
+    body: &[u8],
+    sum: &[u8],
+) -> Result<Record> {
     let corrupt = |why: String| StoreError::CorruptRecord {
         account: account.to_string(),
         offset,

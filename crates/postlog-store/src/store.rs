@@ -105,6 +105,11 @@ pub trait Backend: Send + Sync + 'static {
     fn append(&self, account: AccountId, record: NewRecord, done: Done);
     /// The verified bytes of a message the account holds; `None` if it holds no such message.
     fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>>;
+    /// [`read_blob`](Backend::read_blob) for several messages, in order. A backend whose
+    /// reads have latency (object storage) fetches them concurrently.
+    fn read_blobs(&self, account: AccountId, hashes: &[BlobHash]) -> Result<Vec<Option<Vec<u8>>>> {
+        hashes.iter().map(|h| self.read_blob(account, h)).collect()
+    }
     fn set_head_watcher(&self, watcher: HeadWatcher);
     /// Whether a device exists and is not revoked.
     fn device_active(&self, device: DeviceId) -> Result<bool>;

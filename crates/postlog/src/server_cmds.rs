@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use postlog_server::{Server, ServerConfig, StartOptions};
 use postlog_server::storage::Admin;
+use postlog_server::{Server, ServerConfig, StartOptions};
 
 use crate::cli::{AccountAddArgs, DataArg, DeviceCmd, GcArgs, MigrateArgs, ServeArgs};
 
@@ -75,8 +75,7 @@ pub fn account_add(a: AccountAddArgs) -> anyhow::Result<ExitCode> {
     let data = &a.data.data;
     // Make sure config and certificate exist, so the URL carries the right fingerprint.
     ServerConfig::load_or_init(data)?;
-    let mut accounts =
-        Admin::open(data).with_context(|| format!("opening {}", data.display()))?;
+    let mut accounts = Admin::open(data).with_context(|| format!("opening {}", data.display()))?;
     let creds = accounts.add_device(&a.name, &a.addresses, &a.device)?;
     let url = login_url(data, &creds, a.server)?;
     eprintln!("account {}: device {} added", creds.account, creds.device);

@@ -1,7 +1,7 @@
 //! Several stateless server nodes on one PostgreSQL database and one bucket (docs/DEPLOYMENT.md),
 //! and `postlog migrate` from an embedded data directory. These need the PostgreSQL + S3
-//! services: they run in .ci/run's `POSTLOG_TEST_BACKEND=postgres` pass and return at once
-//! in the embedded pass.
+//! services, so they are `#[ignore]`d in the embedded pass; .ci/run's
+//! `POSTLOG_TEST_BACKEND=postgres` pass runs them with `--include-ignored`.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
@@ -15,20 +15,21 @@ use std::time::{Duration, Instant};
 use postlog_client::{Connection, Endpoint, LogItem, LoginUrl};
 use postlog_proto::{BlobHash, LogOffset, Record};
 
-fn skip() -> bool {
-    if !common::on_postgres() {
-        eprintln!("skipped: needs POSTLOG_TEST_BACKEND=postgres (scripts/test-services.sh)");
-        return true;
-    }
-    false
+const NEEDS: &str = "needs PostgreSQL + S3: scripts/test-services.sh start, source its env, \
+                     POSTLOG_TEST_BACKEND=postgres cargo test --test cluster -- --include-ignored";
+
+fn require_postgres() {
+    assert!(common::on_postgres(), "{NEEDS}");
 }
 
-/// A further node's data directory: the first node's storage settings and certificate
-/// (clients pin one fingerprint for the whole cluster).
+/// A further node's data directory: the first node's storage settings, certificate (clients
+/// pin one fingerprint for the whole cluster) and stateless-reset key, if it has one yet.
 fn node_dir(first: &Path, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    for f in ["postlog.toml", "cert.pem", "key.pem"] {
-        std::fs::copy(first.join(f), dir.join(f)).unwrap();
+    for f in ["postlog.toml", "cert.pem", "key.pem", "reset.key"] {
+        if f != "reset.key" || first.join(f).exists() {
+            std::fs::copy(first.join(f), dir.join(f)).unwrap();
+        }
     }
 }
 
@@ -66,7 +67,11 @@ fn maildir_hashes(root: &Path) -> HashSet<BlobHash> {
             let e = e.unwrap();
             let name = e.file_name().to_string_lossy().into_owned();
             let hash: BlobHash = name[..64].parse().unwrap();
-            assert_eq!(BlobHash::of(&std::fs::read(e.path()).unwrap()), hash, "{name}");
+            assert_eq!(
+                BlobHash::of(&std::fs::read(e.path()).unwrap()),
+                hash,
+                "{name}"
+            );
             assert!(out.insert(hash), "duplicate file for {hash}");
         }
     }
@@ -77,10 +82,9 @@ fn maildir_hashes(root: &Path) -> HashSet<BlobHash> {
 /// with every message byte for byte, pushed across nodes, and both nodes serve the same
 /// gap-free log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL + S3 (POSTLOG_TEST_BACKEND=postgres, --include-ignored)"]
 async fn two_nodes_one_mailbox() {
-    if skip() {
-        return;
-    }
+    require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let (d1, d2) = (dir.path().join("node1"), dir.path().join("node2"));
     let node1 = common::InProcess::start(&d1).await;
@@ -109,20 +113,40 @@ async fn two_nodes_one_mailbox() {
         want.insert(BlobHash::of(&m));
         std::fs::write(src.join(format!("cur/{i}.src:2,S")), m).unwrap();
     }
-    let (ok, out, err) = cli(&["import", "maildir", common::p(&src), "--profile", common::p(&a), "--quiet"]);
+    let (ok, out, err) = cli(&[
+        "import",
+        "maildir",
+        common::p(&src),
+        "--profile",
+        common::p(&a),
+        "--quiet",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("1000 stored"), "{out}");
     let mail = b.join("mail");
     let deadline = Instant::now() + Duration::from_secs(60);
     while maildir_hashes(&mail).len() < want.len() {
-        assert!(Instant::now() < deadline, "B did not receive everything through node 2");
+        assert!(
+            Instant::now() < deadline,
+            "B did not receive everything through node 2"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = Command::new("kill").args(["-TERM", &watch.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status();
     assert!(watch.wait().unwrap().success());
-    assert_eq!(maildir_hashes(&mail), want, "byte-identical (names are the hashes)");
+    assert_eq!(
+        maildir_hashes(&mail),
+        want,
+        "byte-identical (names are the hashes)"
+    );
 
-    let c1 = Endpoint::new(&url.fingerprint).unwrap().connect(&url).await.unwrap();
+    let c1 = Endpoint::new(&url.fingerprint)
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
     let c2 = Endpoint::new(&url.fingerprint)
         .unwrap()
         .connect(&on(&url, node2.addr))
@@ -131,7 +155,10 @@ async fn two_nodes_one_mailbox() {
     let (l1, l2) = (whole_log(&c1).await, whole_log(&c2).await);
     assert_eq!(l1, l2, "both nodes serve the same log");
     assert_eq!(l1.len(), 1000);
-    assert!(l1.iter().enumerate().all(|(i, (o, _))| *o == i as u64), "gap-free from 0");
+    assert!(
+        l1.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+        "gap-free from 0"
+    );
     assert_eq!(c1.head().await.unwrap(), 1000);
     assert_eq!(c2.head().await.unwrap(), 1000);
     node1.stop().await;
@@ -143,16 +170,19 @@ async fn two_nodes_one_mailbox() {
 /// Clients store on both nodes at once; node 1 is killed with SIGKILL in the middle. Every
 /// acknowledged message is in the log exactly once, offsets are unique and gap-free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL + S3 (POSTLOG_TEST_BACKEND=postgres, --include-ignored)"]
 async fn kill9_one_node_during_concurrent_stores() {
-    if skip() {
-        return;
-    }
+    require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let (d1, d2) = (dir.path().join("node1"), dir.path().join("node2"));
     common::prepare_data(&d1);
     let fingerprint = common::fingerprint_of(&d1);
     node_dir(&d1, &d2);
-    let addr = |_| -> SocketAddr { format!("127.0.0.1:{}", common::free_port()).parse().unwrap() };
+    let addr = |_| -> SocketAddr {
+        format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap()
+    };
     let (a1, a2) = (addr(1), addr(2));
     let mut n1 = common::ServerProcess::spawn(&d1, a1);
     let _n2 = common::ServerProcess::spawn(&d2, a2);
@@ -199,24 +229,43 @@ async fn kill9_one_node_during_concurrent_stores() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     n1.kill9();
+    // The node comes back at once; its stateless reset (same reset.key) ends node 1's client
+    // connection instead of leaving it to the idle timeout.
+    let _n1 = common::ServerProcess::spawn(&d1, a1);
     let (acked1, acked2) = (t1.await.unwrap(), t2.await.unwrap());
     assert_eq!(acked2.len(), N, "node 2 acknowledged all its stores");
-    assert!(acked1.len() < N, "node 1 died before the end ({} acked)", acked1.len());
+    assert!(
+        acked1.len() < N,
+        "node 1 died before the end ({} acked)",
+        acked1.len()
+    );
     let log = whole_log(&c2).await;
     let mut stored: HashMap<BlobHash, LogOffset> = HashMap::new();
     for (offset, r) in &log {
         if let Record::Store { hash, .. } = r {
-            assert!(stored.insert(*hash, *offset).is_none(), "duplicate Store of {hash}");
+            assert!(
+                stored.insert(*hash, *offset).is_none(),
+                "duplicate Store of {hash}"
+            );
         }
     }
-    assert!(log.iter().enumerate().all(|(i, (o, _))| *o == i as u64), "gap-free");
+    assert!(
+        log.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+        "gap-free"
+    );
     let mut offsets = BTreeMap::new();
     for (h, o) in acked1.iter().chain(&acked2) {
-        assert_eq!(stored.get(h), Some(o), "acknowledged {h} at {o} is in the log there");
-        assert!(offsets.insert(*o, *h).is_none(), "offset {o} acknowledged twice");
+        assert_eq!(
+            stored.get(h),
+            Some(o),
+            "acknowledged {h} at {o} is in the log there"
+        );
+        assert!(
+            offsets.insert(*o, *h).is_none(),
+            "offset {o} acknowledged twice"
+        );
     }
-    // The killed node comes back and serves the same log.
-    let _n1 = common::ServerProcess::spawn(&d1, a1);
+    // The killed node serves the same log.
     let c1 = common::connect_retry(&endpoint, &url).await;
     assert_eq!(whole_log(&c1).await, log);
     drop((c1, c2));
@@ -227,14 +276,17 @@ async fn kill9_one_node_during_concurrent_stores() {
 /// `postlog migrate` copies an embedded data directory with every offset, record and blob;
 /// devices keep their credentials; `postlog verify` passes; a second run copies nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL + S3 (POSTLOG_TEST_BACKEND=postgres, --include-ignored)"]
 async fn migrate_embedded_directory() {
-    if skip() {
-        return;
-    }
+    require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (dir.path().join("old"), dir.path().join("new"));
     std::fs::create_dir_all(&old).unwrap();
-    std::fs::write(old.join("postlog.toml"), "[storage]\nbackend = \"embedded\"\n").unwrap();
+    std::fs::write(
+        old.join("postlog.toml"),
+        "[storage]\nbackend = \"embedded\"\n",
+    )
+    .unwrap();
     let server = common::InProcess::start(&old).await;
     let creds = common::admin(&old)
         .add_device("ann", &["ann@example.org".into()], "laptop")
@@ -247,14 +299,29 @@ async fn migrate_embedded_directory() {
         fingerprint: server.fingerprint.clone(),
     };
     common::admin(&old).add_device("bob", &[], "phone").unwrap();
-    let c = Endpoint::new(&url.fingerprint).unwrap().connect(&url).await.unwrap();
+    let c = Endpoint::new(&url.fingerprint)
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
     let mut hashes = Vec::new();
     for i in 0..200 {
-        let (h, _, _) = c.store(&common::message(i, 500 + i * 37), &["inbox".into()]).await.unwrap();
+        let (h, _, _) = c
+            .store(&common::message(i, 500 + i * 37), &["inbox".into()])
+            .await
+            .unwrap();
         hashes.push(h);
     }
     for (seq, h) in hashes.iter().take(50).enumerate() {
-        c.tag(h, &["flagged".into()], &["inbox".into()], 200, seq as u64 + 1).await.unwrap();
+        c.tag(
+            h,
+            &["flagged".into()],
+            &["inbox".into()],
+            200,
+            seq as u64 + 1,
+        )
+        .await
+        .unwrap();
     }
     for h in &hashes[190..] {
         c.delete(h).await.unwrap();
@@ -272,11 +339,31 @@ async fn migrate_embedded_directory() {
     for f in ["cert.pem", "key.pem"] {
         std::fs::copy(old.join(f), new.join(f)).unwrap();
     }
-    let (ok, out, err) = cli(&["migrate", "--from", common::p(&old), "--data", common::p(&new), "--quiet"]);
+    let (ok, out, err) = cli(&[
+        "migrate",
+        "--from",
+        common::p(&old),
+        "--data",
+        common::p(&new),
+        "--quiet",
+    ]);
     assert!(ok, "{err}");
-    assert!(out.contains("migrated 2 accounts (0 already there)"), "{out}");
-    let (ok, out, err) = cli(&["migrate", "--from", common::p(&old), "--data", common::p(&new), "--quiet"]);
-    assert!(ok && out.contains("migrated 0 accounts (2 already there)"), "{out} {err}");
+    assert!(
+        out.contains("migrated 2 accounts (0 already there)"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&[
+        "migrate",
+        "--from",
+        common::p(&old),
+        "--data",
+        common::p(&new),
+        "--quiet",
+    ]);
+    assert!(
+        ok && out.contains("migrated 0 accounts (2 already there)"),
+        "{out} {err}"
+    );
     let (ok, out, _) = cli(&["verify", "--data", common::p(&new)]);
     assert!(ok && out.contains("ok"), "{out}");
 
@@ -292,11 +379,21 @@ async fn migrate_embedded_directory() {
     for h in &hashes[..190] {
         assert_eq!(BlobHash::of(&c.fetch(h).await.unwrap()), *h);
     }
-    assert!(c.fetch(&hashes[195]).await.is_err(), "deleted stays deleted");
+    assert!(
+        c.fetch(&hashes[195]).await.is_err(),
+        "deleted stays deleted"
+    );
     // New records continue the log; new devices continue the ids.
     let (_, offset, _) = c.store(&common::message(999, 700), &[]).await.unwrap();
     assert_eq!(offset, head);
-    let later = common::admin(&new).add_device("ann", &[], "tablet").unwrap();
-    assert!(later.device > creds.device + 1, "{} after {}", later.device, creds.device);
+    let later = common::admin(&new)
+        .add_device("ann", &[], "tablet")
+        .unwrap();
+    assert!(
+        later.device > creds.device + 1,
+        "{} after {}",
+        later.device,
+        creds.device
+    );
     node.stop().await;
 }

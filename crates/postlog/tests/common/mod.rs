@@ -63,7 +63,8 @@ pub fn storage_toml() -> String {
     let a = admin.clone();
     // The synchronous client must not run on a runtime's thread.
     std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(&a, postgres::NoTls).expect("connect to the test PostgreSQL");
+        let mut c =
+            postgres::Client::connect(&a, postgres::NoTls).expect("connect to the test PostgreSQL");
         c.batch_execute(&create).expect("create a test database");
     })
     .join()
