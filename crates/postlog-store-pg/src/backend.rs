@@ -24,6 +24,8 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// One node's handle on the shared PostgreSQL database and bucket.
 pub struct PgStore {
     tmp: PathBuf,
+    /// This node's id (DATA/node-id), for its relay claims.
+    node: i64,
     pool: Pool,
     pub(crate) objects: Arc<Objects>,
     writer: Mutex<mpsc::Sender<Job>>,
@@ -47,8 +49,16 @@ impl PgStore {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        let node = node_id(data)?;
         let pool = Pool::new(&settings.postgres, settings.pool_size)?;
         pool.run(|c| crate::schema::migrate(c))?;
+        let released = pool.run(move |c| relay::release(c, node, kit::now_ms()))?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "relay attempts this node did not finish are due again"
+            );
+        }
         let objects = Arc::new(Objects::new(&settings.s3)?);
         // A missing object answers "not found": that proves the endpoint, the bucket and
         // the credentials, with a clear error at start instead of at the first message.
@@ -87,6 +97,7 @@ impl PgStore {
             })?;
         Ok(PgStore {
             tmp,
+            node,
             pool,
             objects,
             writer: Mutex::new(tx),
@@ -195,6 +206,29 @@ impl PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// This node's id: random, kept in `DATA/node-id` (written durably on first use).
+fn node_id(data: &Path) -> Result<i64> {
+    let path = data.join("node-id");
+    let bad = |why: String| StoreError::Invalid {
+        what: "node id",
+        why: format!("{}: {why}", path.display()),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<i64>().map_err(|e| bad(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = (rand::random::<u64>() >> 2) as i64 + 1;
+            let tmp = data.join("node-id.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| std::fs::File::open(data)?.sync_all())
+                .map_err(|e| bad(e.to_string()))?;
+            Ok(id)
+        }
+        Err(e) => Err(bad(e.to_string())),
     }
 }
 
@@ -429,7 +463,8 @@ impl Backend for PgStore {
     }
 
     fn relay_due(&self, now_ms: u64, max: usize) -> Result<Vec<QueuedSend>> {
-        self.run(move |c| relay::due(c, now_ms, max))
+        let node = self.node;
+        self.run(move |c| relay::due(c, node, now_ms, max))
     }
 
     fn relay_next_due(&self) -> Result<Option<u64>> {

@@ -3,7 +3,9 @@
 //! With several nodes, each runs a relay worker. `due` therefore claims the rows it returns:
 //! their `next_ms` moves `LEASE_MS` ahead, so no other node picks them up while this one
 //! tries; the attempt's report then sets the real state. A node that dies mid-attempt
-//! leaves the rows to be retried after the lease (at-least-once, as with one node).
+//! releases its claims when it starts again ([`release`]; its id is in its data directory);
+//! a node that does not come back leaves them to be retried after the lease. Either way
+//! at-least-once, as with one node.
 
 use postgres::GenericClient;
 use postlog_proto::{BlobHash, LogOffset};
@@ -76,7 +78,8 @@ pub(crate) fn apply_report(
 ) -> R<Option<bool>> {
     let before = pending(c, account, hash)?;
     let stmt = c.prepare(
-        "UPDATE relay_queue SET state = $4, attempts = attempts + 1, next_ms = $5, reply = $6
+        "UPDATE relay_queue SET state = $4, attempts = attempts + 1, next_ms = $5, reply = $6,
+             claimed_by = 0
          WHERE account_id = $1 AND hash = $2 AND recipient = $3 AND state = 0",
     )?;
     for r in reports {
@@ -107,7 +110,12 @@ pub(crate) fn apply_report(
 }
 
 /// Claims and returns the sent messages with recipients due at `now` (at most `max`).
-pub(crate) fn due(c: &mut impl GenericClient, now: u64, max: usize) -> R<Vec<QueuedSend>> {
+pub(crate) fn due(
+    c: &mut impl GenericClient,
+    node: i64,
+    now: u64,
+    max: usize,
+) -> R<Vec<QueuedSend>> {
     let now = now.min(i64::MAX as u64 / 2) as i64;
     let mut tx = c.transaction()?;
     // SKIP LOCKED: rows another node is claiming right now are simply not ours.
@@ -147,19 +155,34 @@ pub(crate) fn due(c: &mut impl GenericClient, now: u64, max: usize) -> R<Vec<Que
         }
     }
     let claim = tx.prepare(
-        "UPDATE relay_queue SET next_ms = $4
+        "UPDATE relay_queue SET next_ms = $4, claimed_by = $5
          WHERE account_id = $1 AND hash = $2 AND recipient = $3 AND state = 0",
     )?;
     for q in &out {
         for (r, _) in &q.recipients {
             tx.execute(
                 &claim,
-                &[&q.account, &q.hash.0.as_slice(), r, &(now + LEASE_MS)],
+                &[
+                    &q.account,
+                    &q.hash.0.as_slice(),
+                    r,
+                    &(now + LEASE_MS),
+                    &node,
+                ],
             )?;
         }
     }
     tx.commit()?;
     Ok(out)
+}
+
+/// Makes the rows this node had claimed due again: it was stopped or killed during the
+/// attempt (no report came), so they are tried again now rather than after the lease.
+pub(crate) fn release(c: &mut impl GenericClient, node: i64, now: u64) -> R<u64> {
+    Ok(c.execute(
+        "UPDATE relay_queue SET next_ms = $2, claimed_by = 0 WHERE state = 0 AND claimed_by = $1",
+        &[&node, &(now.min(i64::MAX as u64) as i64)],
+    )?)
 }
 
 pub(crate) fn next_due(c: &mut impl GenericClient) -> R<Option<u64>> {

@@ -82,6 +82,8 @@ CREATE TABLE relay_queue (
     next_ms BIGINT NOT NULL,
     created_ms BIGINT NOT NULL,
     reply TEXT NOT NULL,
+    -- The node whose relay attempt holds the row (0: none); see relay.rs.
+    claimed_by BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (account_id, hash, recipient)
 );
 CREATE INDEX relay_queue_due ON relay_queue (state, next_ms);

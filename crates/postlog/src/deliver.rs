@@ -54,7 +54,8 @@ pub fn run(a: DeliverArgs) -> ExitCode {
 fn deliver(a: &DeliverArgs) -> Result<(), Failure> {
     let data = &a.data.data;
     let temp = |why: String| Failure(EX_TEMPFAIL, why);
-    if !data.join("postlog.db").exists() {
+    // A data directory has its postlog.toml (the store may be elsewhere: [storage]).
+    if !data.join("postlog.toml").exists() && !data.join("postlog.db").exists() {
         return Err(temp(format!(
             "{} is not a Postlog data directory (or is not readable by this user)",
             data.display()
