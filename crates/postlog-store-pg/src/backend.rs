@@ -51,7 +51,7 @@ impl PgStore {
         }
         let node = node_id(data)?;
         let pool = Pool::new(&settings.postgres, settings.pool_size)?;
-        pool.run(|c| crate::schema::migrate(c))?;
+        pool.run(crate::schema::migrate)?;
         let released = pool.run(move |c| relay::release(c, node, kit::now_ms()))?;
         if released > 0 {
             tracing::info!(
@@ -468,7 +468,7 @@ impl Backend for PgStore {
     }
 
     fn relay_next_due(&self) -> Result<Option<u64>> {
-        self.run(|c| relay::next_due(c))
+        self.run(relay::next_due)
     }
 
     fn accounts(&self) -> Result<Vec<(AccountId, String)>> {
