@@ -178,25 +178,7 @@ impl PgStore {
             }
             let o = self.objects.clone();
             let (account, hash) = (l.account, l.hash);
-            let gone = self.run(move |c| {
-                // Under the account's lock, as deletions are (see writer::unlink).
-                let mut tx = c.transaction()?;
-                tx.execute(
-                    "SELECT head FROM heads WHERE account_id = $1 FOR UPDATE",
-                    &[&account],
-                )?;
-                let held = tx
-                    .query_opt(
-                        "SELECT 1 FROM blobs WHERE account_id = $1 AND hash = $2",
-                        &[&account, &hash.0.as_slice()],
-                    )?
-                    .is_some();
-                if !held {
-                    o.delete(account, &hash)?;
-                }
-                tx.commit()?;
-                Ok(!held)
-            })?;
+            let gone = self.run(move |c| crate::writer::unlink(c, &o, account, &hash))?;
             removed += u64::from(gone);
         }
         Ok(removed)

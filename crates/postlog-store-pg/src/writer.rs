@@ -536,7 +536,8 @@ fn scrub_outcome(
     }
 }
 
-/// Removes a deleted message's object, unless the account stored the same bytes again;
+/// Removes a deleted (or never recorded) message's object, unless the account holds those
+/// bytes; `true` if it was removed. Used for deletions and by the garbage collector;
 /// under the account's lock, so a concurrent Store of those bytes on another node cannot
 /// have its fresh upload removed.
 pub(crate) fn unlink(
@@ -544,7 +545,7 @@ pub(crate) fn unlink(
     objects: &Objects,
     account: AccountId,
     hash: &BlobHash,
-) -> R<()> {
+) -> R<bool> {
     let mut tx = c.transaction()?;
     tx.execute(
         "SELECT head FROM heads WHERE account_id = $1 FOR UPDATE",
@@ -564,7 +565,7 @@ pub(crate) fn unlink(
         &[&account, &hash.0.as_slice()],
     )?;
     tx.commit()?;
-    Ok(())
+    Ok(!held)
 }
 
 /// Finishes deletions a crash interrupted between the commit and the object removal.
