@@ -111,11 +111,20 @@ impl PgStore {
         &self.settings
     }
 
+    /// Runs `f` on a pooled connection (again on a fresh one if the connection was gone).
     pub(crate) fn run<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut postgres::Client) -> R<T> + Send + Sync + 'static,
+    ) -> Result<T> {
+        Ok(self.pool.run(f)?)
+    }
+
+    /// Runs `f` once: for work that must not repeat blindly (migration's transactions).
+    pub(crate) fn run_once<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut postgres::Client) -> R<T> + Send + 'static,
     ) -> Result<T> {
-        Ok(self.pool.run(f)?)
+        Ok(self.pool.run_once(f)?)
     }
 
     /// Appends and waits (a blocking convenience over [`Backend::append`]).

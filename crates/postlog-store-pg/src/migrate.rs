@@ -104,7 +104,7 @@ impl PgStore {
                 tag_ops: ex.tag_ops(id)?,
                 refs: ex.refs(id)?,
             };
-            let copied = self.run(move |c| copy_account(c, rows))?;
+            let copied = self.run_once(move |c| copy_account(c, rows))?;
             report.records += copied;
             report.accounts += 1;
         }
@@ -113,7 +113,7 @@ impl PgStore {
             devices: ex.devices()?,
             queue: ex.relay_queue()?,
         };
-        report.devices = self.run(move |c| copy_rest(c, rest))?;
+        report.devices = self.run_once(move |c| copy_rest(c, rest))?;
         Ok(report)
     }
 }

@@ -12,10 +12,12 @@ use postgres::{Client, NoTls};
 
 use crate::{Error, R};
 
-type Job = Box<dyn FnOnce(R<&mut Client>) + Send>;
+/// A job; returns whether it failed (then the worker checks its connection).
+type Job = Box<dyn FnOnce(R<&mut Client>) -> bool + Send>;
 
 pub(crate) struct Pool {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    size: usize,
 }
 
 /// Opens a connection, with a clear error.
@@ -56,17 +58,42 @@ impl Pool {
         }
         Ok(Pool {
             jobs: Mutex::new(Some(tx)),
+            size: size.max(1),
         })
     }
 
-    /// Runs `f` on a pooled connection and waits for its result.
+    /// Runs `f` on a pooled connection and waits for its result. When the connection turns
+    /// out to be gone (PostgreSQL restarted, failed over, or ended it), `f` runs again on a
+    /// fresh one, as often as the pool has connections that may be stale.
     pub(crate) fn run<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Client) -> R<T> + Send + Sync + 'static,
+    ) -> R<T> {
+        let f = Arc::new(f);
+        let mut tries = 0;
+        loop {
+            let g = f.clone();
+            match self.run_once(move |c| g(c)) {
+                Err(Error::Pg(e)) if connection_lost(&e) && tries <= self.size => {
+                    tracing::debug!(error = %e, "PostgreSQL connection lost; retrying on a new one");
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Runs `f` once on a pooled connection and waits for its result.
+    pub(crate) fn run_once<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Client) -> R<T> + Send + 'static,
     ) -> R<T> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |c| {
-            let _ = tx.send(c.and_then(f));
+            let r = c.and_then(f);
+            let failed = r.is_err();
+            let _ = tx.send(r);
+            failed
         });
         let sent = match self.jobs.lock() {
             Ok(j) => j.as_ref().is_some_and(|j| j.send(job).is_ok()),
@@ -78,6 +105,15 @@ impl Pool {
         rx.recv()
             .unwrap_or_else(|_| Err(Error::Other("a PostgreSQL worker ended".into())))
     }
+}
+
+/// Whether an error means the connection is gone (and a retry on another one is right):
+/// closed, or SQLSTATE class 08 (connection exception) or 57P (operator intervention:
+/// shutdown, terminated).
+pub(crate) fn connection_lost(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
 }
 
 impl Drop for Pool {
@@ -108,9 +144,18 @@ fn worker(url: &str, rx: &Mutex<mpsc::Receiver<Job>>) {
                 }
             }
         }
-        match client.as_mut() {
+        let failed = match client.as_mut() {
             Some(c) => job(Ok(c)),
             None => job(Err(Error::Other("no PostgreSQL connection".into()))),
+        };
+        // After a failure, make sure the connection still works (one empty query), so the
+        // next job does not meet a connection PostgreSQL has ended.
+        if failed
+            && client.as_mut().is_some_and(|c| {
+                c.is_closed() || c.is_valid(std::time::Duration::from_secs(2)).is_err()
+            })
+        {
+            client = None;
         }
     }
 }

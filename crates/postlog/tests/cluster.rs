@@ -40,6 +40,35 @@ fn on(url: &LoginUrl, addr: SocketAddr) -> LoginUrl {
     }
 }
 
+/// Ends every server connection to the data directory's database (as a PostgreSQL restart
+/// or failover would).
+fn terminate_connections(data: &Path) {
+    let toml = std::fs::read_to_string(data.join("postlog.toml")).unwrap();
+    let db = toml
+        .rsplit("dbname=")
+        .next()
+        .and_then(|rest| rest.split(['"', ' ']).next())
+        .unwrap()
+        .to_string();
+    let admin = std::env::var("POSTLOG_TEST_POSTGRES").unwrap();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        let n = c
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .unwrap();
+        assert!(
+            n >= 3,
+            "the nodes' writer, listener and pool connections ({n})"
+        );
+    })
+    .join()
+    .unwrap();
+}
+
 fn cli(args: &[&str]) -> (bool, String, String) {
     let (status, out, err) = common::run_cli(args, &[]);
     (status.success(), out, err)
@@ -161,6 +190,34 @@ async fn two_nodes_one_mailbox() {
     );
     assert_eq!(c1.head().await.unwrap(), 1000);
     assert_eq!(c2.head().await.unwrap(), 1000);
+
+    // PostgreSQL drops every connection of both nodes (a restart, a failover): the nodes
+    // reconnect, and push across nodes still works (the listener catches up on reconnect).
+    let mut live = c2.log(1000, false).await.unwrap();
+    assert!(matches!(live.next().await.unwrap(), LogItem::Live(1000)));
+    terminate_connections(&d1);
+    let m = common::message(5000, 900);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        match c1.store(&m, &[]).await {
+            Ok(r) => break r,
+            // The first requests may meet a dropped connection: a storage error, retried.
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no reconnect: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(stored.1, 1000);
+    let pushed = tokio::time::timeout(Duration::from_secs(15), live.next())
+        .await
+        .expect("pushed to node 2 after the reconnect")
+        .unwrap();
+    assert!(
+        matches!(pushed, LogItem::Entry(ref e, _) if e.offset == 1000),
+        "{pushed:?}"
+    );
+    drop(live);
     node1.stop().await;
     node2.stop().await;
     let report = common::verify(&d1);
