@@ -141,10 +141,19 @@ pub(crate) fn revoke_device(
     device: DeviceId,
 ) -> R<bool> {
     let id = required(c, account)?;
-    Ok(c.execute(
+    let mut tx = c.transaction()?;
+    let found = tx.execute(
         "UPDATE devices SET revoked = true WHERE account_id = $1 AND id = $2",
         &[&id, &(device.min(i64::MAX as u64) as i64)],
-    )? == 1)
+    )? == 1;
+    // Every node's listener updates its revoked set (and closes the device's connections
+    // at its next check); delivered at COMMIT.
+    tx.execute(
+        "SELECT pg_notify('postlog_revoked', $1)",
+        &[&device.to_string()],
+    )?;
+    tx.commit()?;
+    Ok(found)
 }
 
 pub(crate) fn addresses(c: &mut impl GenericClient, account: &str) -> R<Vec<String>> {

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     /// Known Heads: written after commits (own and, through NOTIFY, other nodes').
     pub heads: Mutex<HashMap<AccountId, LogOffset>>,
     pub watcher: Mutex<Option<HeadWatcher>>,
+    /// Revoked devices, kept current by the listener; `None` while it is not connected.
+    pub revoked: Mutex<Option<std::collections::HashSet<DeviceId>>>,
     pub stop: std::sync::atomic::AtomicBool,
 }
 
