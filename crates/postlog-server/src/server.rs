@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub limits: crate::config::Limits,
     /// Open Log streams per account (`[limits] max_log_streams_per_account`).
     pub log_streams: std::sync::Mutex<std::collections::HashMap<AccountId, usize>>,
+    /// Revoked devices, published by the revocation sweep.
+    pub revoked: watch::Sender<Arc<std::collections::HashSet<DeviceId>>>,
 }
 
 /// A running server endpoint.
@@ -171,6 +173,7 @@ impl Server {
             throttle: std::sync::Mutex::new(AuthThrottle::new(limits)),
             limits: conn_limits,
             log_streams: std::sync::Mutex::new(std::collections::HashMap::new()),
+            revoked: watch::channel(Arc::new(std::collections::HashSet::new())).0,
         });
         Ok(Server {
             endpoint,
@@ -230,6 +233,7 @@ impl Server {
             stop_rx.clone(),
         ));
         let retention = tokio::spawn(crate::retention::run(shared.clone(), stop_rx.clone()));
+        let sweep = tokio::spawn(revocation_sweep(shared.clone(), stop_rx.clone()));
         let mail = tokio::spawn(crate::smtp::run(shared.clone(), mail, stop_rx));
         tokio::pin!(shutdown);
         loop {
@@ -261,6 +265,35 @@ impl Server {
         let _ = mail.await;
         let _ = relay.await;
         let _ = retention.await;
+        let _ = sweep.await;
+    }
+}
+
+/// Every [`REVOCATION_CHECK`], reads the revoked devices once and publishes the set when it
+/// changed; each open connection of a revoked device closes (code REVOKED).
+async fn revocation_sweep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(REVOCATION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.revoked_devices()).await {
+            Ok(Ok(ids)) => {
+                let set: std::collections::HashSet<DeviceId> = ids.into_iter().collect();
+                shared.revoked.send_if_modified(|cur| {
+                    let changed = **cur != set;
+                    if changed {
+                        *cur = Arc::new(set);
+                    }
+                    changed
+                });
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading revoked devices failed"),
+            Err(e) => tracing::warn!(error = %e, "revocation sweep task failed"),
+        }
     }
 }
 
@@ -332,22 +365,23 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> any
         device,
         handshake,
     });
-    let mut revocation = tokio::time::interval(REVOCATION_CHECK);
-    revocation.tick().await;
+    // The node's revocation sweep publishes the revoked devices; this connection only wakes
+    // when that set changes.
+    let mut revoked = ctx.shared.revoked.subscribe();
+    let mut watching = true;
     loop {
+        if watching && revoked.borrow_and_update().contains(&device) {
+            tracing::info!(device, "device revoked: closing its connection");
+            conn.close(close::REVOKED.into(), b"device revoked");
+            return Ok(());
+        }
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(_) => return Ok(()),
             },
-            _ = revocation.tick() => {
-                let store = ctx.shared.store.clone();
-                let active = tokio::task::spawn_blocking(move || store.device_active(device)).await;
-                if let Ok(Ok(false)) = active {
-                    tracing::info!(device, "device revoked: closing its connection");
-                    conn.close(close::REVOKED.into(), b"device revoked");
-                    return Ok(());
-                }
+            r = revoked.changed(), if watching => {
+                watching = r.is_ok();
                 continue;
             }
         };

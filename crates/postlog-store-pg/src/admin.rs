@@ -167,13 +167,9 @@ pub(crate) fn addresses(c: &mut impl GenericClient, account: &str) -> R<Vec<Stri
     .collect()
 }
 
-pub(crate) fn device_active(c: &mut impl GenericClient, device: DeviceId) -> R<bool> {
-    let r = c.query_opt(
-        "SELECT revoked FROM devices WHERE id = $1",
-        &[&(device.min(i64::MAX as u64) as i64)],
-    )?;
-    Ok(match r {
-        Some(r) => !col::<bool>(&r, 0)?,
-        None => false,
-    })
+pub(crate) fn revoked_devices(c: &mut postgres::Client) -> R<Vec<DeviceId>> {
+    c.query("SELECT id FROM devices WHERE revoked", &[])?
+        .iter()
+        .map(|r| col::<i64>(r, 0).map(|d| d as u64))
+        .collect()
 }

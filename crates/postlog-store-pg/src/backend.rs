@@ -286,8 +286,8 @@ fn listen(url: &str, shared: &Shared) {
 }
 
 /// Loads the revoked devices; from then on `postlog_revoked` notifications keep the set
-/// current, and [`Backend::device_active`] needs no query (every open connection asks every
-/// 2 s: 5,000 queries/s for 10,000 connections otherwise).
+/// current, and [`Backend::revoked_devices`] (the server's sweep, every 2 s) needs no
+/// query.
 fn load_revoked(c: &mut postgres::Client, shared: &Shared) {
     let loaded: R<std::collections::HashSet<DeviceId>> = c
         .query("SELECT id FROM devices WHERE revoked", &[])
@@ -479,19 +479,18 @@ impl Backend for PgStore {
         }
     }
 
-    fn device_active(&self, device: DeviceId) -> Result<bool> {
-        // Devices only reach this once authenticated; the revoked set is kept by the
-        // listener (postlog_revoked).
+    fn revoked_devices(&self) -> Result<Vec<DeviceId>> {
+        // Kept current by the listener (postlog_revoked); asked for while it reconnects.
         let cached = self
             .shared
             .revoked
             .lock()
             .ok()
-            .and_then(|r| r.as_ref().map(|set| !set.contains(&device)));
-        if let Some(active) = cached {
-            return Ok(active);
+            .and_then(|r| r.as_ref().map(|set| set.iter().copied().collect()));
+        match cached {
+            Some(ids) => Ok(ids),
+            None => self.run(admin::revoked_devices),
         }
-        self.run(move |c| admin::device_active(c, device))
     }
 
     fn resolve_address(&self, address: &str) -> Result<Option<AccountId>> {

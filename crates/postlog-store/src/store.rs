@@ -111,8 +111,9 @@ pub trait Backend: Send + Sync + 'static {
         hashes.iter().map(|h| self.read_blob(account, h)).collect()
     }
     fn set_head_watcher(&self, watcher: HeadWatcher);
-    /// Whether a device exists and is not revoked.
-    fn device_active(&self, device: DeviceId) -> Result<bool>;
+    /// Every revoked device. The server checks its open connections against this set once
+    /// per interval (one call per node, not one per connection).
+    fn revoked_devices(&self) -> Result<Vec<DeviceId>>;
     /// The account that receives mail for a mail address (exact, `+detail`, catch-all).
     fn resolve_address(&self, address: &str) -> Result<Option<AccountId>>;
     /// The account with this name, if any.
@@ -349,16 +350,13 @@ impl Backend for Store {
         }
     }
 
-    fn device_active(&self, device: DeviceId) -> Result<bool> {
+    fn revoked_devices(&self) -> Result<Vec<DeviceId>> {
         self.with_reader(|c| {
-            let r: Option<i64> = c
-                .query_row(
-                    "SELECT revoked FROM devices WHERE id = ?1",
-                    [device as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(r == Some(0))
+            Ok(
+                c.prepare_cached("SELECT id FROM devices WHERE revoked != 0")?
+                    .query_map([], |r| r.get::<_, i64>(0).map(|d| d as u64))?
+                    .collect::<Result<_, _>>()?,
+            )
         })
     }
 
