@@ -129,7 +129,11 @@ impl Server {
             Some(_) => Some(tls::smtp_server_config(&identity)?),
             None => None,
         };
-        let store: Arc<dyn Backend> = open_store(data, &config)?.into_backend();
+        let storage = open_store(data, &config)?;
+        if let crate::storage::Storage::Postgres(p) = &storage {
+            p.release_relay_claims()?;
+        }
+        let store: Arc<dyn Backend> = storage.into_backend();
         let heads = Heads::default();
         let publisher = heads.clone();
         store.set_head_watcher(Arc::new(move |account, head| {

@@ -52,13 +52,6 @@ impl PgStore {
         let node = node_id(data)?;
         let pool = Pool::new(&settings.postgres, settings.pool_size)?;
         pool.run(crate::schema::migrate)?;
-        let released = pool.run(move |c| relay::release(c, node, kit::now_ms()))?;
-        if released > 0 {
-            tracing::info!(
-                released,
-                "relay attempts this node did not finish are due again"
-            );
-        }
         let objects = Arc::new(Objects::new(&settings.s3)?);
         // A missing object answers "not found": that proves the endpoint, the bucket and
         // the credentials, with a clear error at start instead of at the first message.
@@ -105,6 +98,21 @@ impl PgStore {
             shared,
             settings: settings.clone(),
         })
+    }
+
+    /// Makes the relay attempts this node had claimed due again: called by the server at
+    /// start (it was stopped or killed during them). Not by administration commands, which
+    /// share the node's directory while its server may be relaying.
+    pub fn release_relay_claims(&self) -> Result<u64> {
+        let node = self.node;
+        let released = self.run(move |c| relay::release(c, node, kit::now_ms()))?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "relay attempts this node did not finish are due again"
+            );
+        }
+        Ok(released)
     }
 
     /// The settings this node was opened with.

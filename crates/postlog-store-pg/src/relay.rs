@@ -3,7 +3,8 @@
 //! With several nodes, each runs a relay worker. `due` therefore claims the rows it returns:
 //! their `next_ms` moves `LEASE_MS` ahead, so no other node picks them up while this one
 //! tries; the attempt's report then sets the real state. A node that dies mid-attempt
-//! releases its claims when it starts again ([`release`]; its id is in its data directory);
+//! releases its claims when its server starts again ([`release`]; its id is in its data
+//! directory);
 //! a node that does not come back leaves them to be retried after the lease. Either way
 //! at-least-once, as with one node.
 
