@@ -131,7 +131,7 @@ impl Server {
         };
         let storage = open_store(data, &config)?;
         if let crate::storage::Storage::Postgres(p) = &storage {
-            p.release_relay_claims()?;
+            p.recover_node()?;
         }
         let store: Arc<dyn Backend> = storage.into_backend();
         let heads = Heads::default();

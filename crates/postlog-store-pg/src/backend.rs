@@ -43,12 +43,6 @@ impl PgStore {
             what: "data directory",
             why: format!("{}: {e}", tmp.display()),
         })?;
-        // Staged files a crash left: never acknowledged.
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
         let node = node_id(data)?;
         let pool = Pool::new(&settings.postgres, settings.pool_size)?;
         pool.run(crate::schema::migrate)?;
@@ -100,10 +94,16 @@ impl PgStore {
         })
     }
 
-    /// Makes the relay attempts this node had claimed due again: called by the server at
-    /// start (it was stopped or killed during them). Not by administration commands, which
-    /// share the node's directory while its server may be relaying.
-    pub fn release_relay_claims(&self) -> Result<u64> {
+    /// What a node's server does at start, after a stop or a crash: removes the staged
+    /// files left in `tmp/` (never acknowledged) and makes the relay attempts this node had
+    /// claimed due again. Not done by administration commands (`account add`, `deliver`,
+    /// `verify`, ...), which open the node's directory while its server may be running.
+    pub fn recover_node(&self) -> Result<u64> {
+        if let Ok(entries) = std::fs::read_dir(&self.tmp) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let node = self.node;
         let released = self.run(move |c| relay::release(c, node, kit::now_ms()))?;
         if released > 0 {
