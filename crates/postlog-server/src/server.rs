@@ -17,7 +17,7 @@ use crate::push::Heads;
 use crate::throttle::{Admit, AuthThrottle};
 use crate::tls::{self, TlsError};
 
-/// How often an open connection re-checks that its device was not revoked.
+/// How often the revocation sweep reads the revoked devices (and closes their connections).
 pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 /// How long start waits for the data directory's lock: `postlog deliver` holds it for a
 /// moment when it stores directly, and must not make a starting server fail.

@@ -37,18 +37,6 @@ impl Storage {
         }
     }
 
-    /// Appends and waits for the outcome.
-    pub fn append_blocking(
-        &self,
-        account: AccountId,
-        record: postlog_store::NewRecord,
-    ) -> Result<postlog_store::Appended, StoreError> {
-        match self {
-            Storage::Embedded(s) => s.append_blocking(account, record),
-            Storage::Postgres(s) => s.append_blocking(account, record),
-        }
-    }
-
     pub fn backend(&self) -> &dyn Backend {
         match self {
             Storage::Embedded(s) => s,

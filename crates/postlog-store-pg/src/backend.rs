@@ -17,7 +17,7 @@ use postlog_store::{
 use crate::objects::Objects;
 use crate::pool::Pool;
 use crate::writer::{Done, Job, Shared};
-use crate::{Error, PgSettings, R, admin, col, relay, scrub};
+use crate::{PgSettings, R, admin, col, relay, scrub};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -134,24 +134,6 @@ impl PgStore {
         f: impl FnOnce(&mut postgres::Client) -> R<T> + Send + 'static,
     ) -> Result<T> {
         Ok(self.pool.run_once(f)?)
-    }
-
-    /// Appends and waits (a blocking convenience over [`Backend::append`]).
-    pub fn append_blocking(
-        &self,
-        account: AccountId,
-        record: NewRecord,
-    ) -> Result<postlog_store::Appended> {
-        let (tx, rx) = mpsc::channel();
-        self.append(
-            account,
-            record,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.recv()
-            .unwrap_or_else(|_| Err(StoreError::Stopped("writer thread ended".into())))
     }
 
     /// Adds a device to `account`, creating the account when it does not exist.
@@ -531,11 +513,5 @@ impl Backend for PgStore {
 
     fn summaries(&self, account: AccountId) -> Result<Vec<MessageSummary>> {
         self.run(move |c| scrub::summaries(c, account))
-    }
-}
-
-impl From<Error> for std::io::Error {
-    fn from(e: Error) -> Self {
-        std::io::Error::other(StoreError::from(e).to_string())
     }
 }

@@ -14,9 +14,6 @@ use postlog_store::{Export, ExportedDevice, ExportedQueueRow, ExportedRecord, St
 
 use crate::{PgStore, R, col};
 
-/// Log rows per chunk (one prepared INSERT each; chunks only bound the loop's slices).
-const LOG_CHUNK: usize = 2000;
-
 /// What a migration copied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MigrateReport {
@@ -60,7 +57,7 @@ impl PgStore {
                     .transpose()?;
                 Ok(by_name)
             })?;
-            let records = count_records(&ex, id)?;
+            let records = ex.head(id)?;
             match existing {
                 None => {}
                 Some((tid, Some(head))) if tid == id && head as u64 == records => {
@@ -118,17 +115,6 @@ impl PgStore {
     }
 }
 
-fn count_records(ex: &Export, id: i64) -> Result<u64, StoreError> {
-    let mut n = 0u64;
-    loop {
-        let rows = ex.records(id, n, 10_000)?;
-        if rows.is_empty() {
-            return Ok(n);
-        }
-        n = rows.last().map_or(n, |r| r.offset + 1);
-    }
-}
-
 fn all_records(ex: &Export, id: i64) -> Result<Vec<ExportedRecord>, StoreError> {
     let mut out: Vec<ExportedRecord> = Vec::new();
     loop {
@@ -178,21 +164,19 @@ fn copy_account(c: &mut postgres::Client, a: AccountRows) -> R<u64> {
          VALUES ($1, $2, $3, $4, $5, $6)",
     )?;
     let mut head = 0u64;
-    for rows in records.chunks(LOG_CHUNK) {
-        for r in rows {
-            tx.execute(
-                &ins,
-                &[
-                    &id,
-                    &(r.offset as i64),
-                    &(r.time_ms as i64),
-                    &r.kind,
-                    &r.body,
-                    &r.checksum,
-                ],
-            )?;
-            head = r.offset + 1;
-        }
+    for r in &records {
+        tx.execute(
+            &ins,
+            &[
+                &id,
+                &(r.offset as i64),
+                &(r.time_ms as i64),
+                &r.kind,
+                &r.body,
+                &r.checksum,
+            ],
+        )?;
+        head = r.offset + 1;
     }
     tx.execute(
         "INSERT INTO heads (account_id, head) VALUES ($1, $2)",

@@ -113,15 +113,10 @@ impl Objects {
 
     /// The object's bytes, unverified; `None` if there is no such object.
     pub(crate) fn get(&self, account: AccountId, hash: &BlobHash) -> R<Option<Vec<u8>>> {
-        let store = self.store.clone();
-        let key = self.key(account, hash);
-        self.block(async move {
-            match store.get(&key).await {
-                Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e.into()),
-            }
-        })
+        Ok(self
+            .get_many(account, std::slice::from_ref(hash))?
+            .pop()
+            .and_then(|(_, b)| b))
     }
 
     /// Several objects, fetched [`PARALLEL_PUTS`] at a time; `None` for a missing one.
@@ -179,7 +174,7 @@ impl Objects {
     pub(crate) fn list(&self) -> R<Vec<Listed>> {
         let store = self.store.clone();
         let base = Path::from(format!("{}accounts", self.prefix));
-        let now = chrono_now_ms();
+        let now = postlog_store::kit::now_ms();
         self.block(async move {
             let mut out = Vec::new();
             let mut s = store.list(Some(&base));
@@ -206,10 +201,6 @@ impl Objects {
             Ok(out)
         })
     }
-}
-
-fn chrono_now_ms() -> u64 {
-    postlog_store::kit::now_ms()
 }
 
 impl Drop for Objects {

@@ -30,8 +30,18 @@ pub(crate) fn connect(url: &str) -> R<Client> {
     })
 }
 
-/// The connection string without its password, for messages.
+/// The connection string without its password, for messages: `password=…` in key=value
+/// form, `user:…@` in a `postgres://` URL.
 pub(crate) fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        return match rest.split_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:…@{host}")
+            }
+            None => url.to_owned(),
+        };
+    }
     url.split_whitespace()
         .map(|kv| {
             if kv.starts_with("password=") {
@@ -157,5 +167,21 @@ fn worker(url: &str, rx: &Mutex<mpsc::Receiver<Job>>) {
         {
             client = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords_in_both_forms() {
+        assert_eq!(
+            super::redact("host=db user=p password=s3cret dbname=x"),
+            "host=db user=p password=… dbname=x"
+        );
+        assert_eq!(
+            super::redact("postgresql://p:s3cret@db:5432/x"),
+            "postgresql://p:…@db:5432/x"
+        );
+        assert_eq!(super::redact("postgresql://db/x"), "postgresql://db/x");
     }
 }

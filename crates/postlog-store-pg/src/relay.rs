@@ -10,7 +10,7 @@
 
 use postgres::GenericClient;
 use postlog_proto::{BlobHash, LogOffset};
-use postlog_store::kit::{FAILED, PENDING};
+use postlog_store::kit::{self, FAILED, PENDING};
 use postlog_store::{AccountId, QueuedSend, RecipientReport};
 
 use crate::{R, col, hash_col};
@@ -134,25 +134,16 @@ pub(crate) fn due(
             tracing::error!(account, "relay queue row with a malformed hash skipped");
             continue;
         };
-        let recipient: String = col(row, 5)?;
-        let attempts = col::<i64>(row, 6)?.clamp(0, u32::MAX as i64) as u32;
-        match out.last_mut() {
-            Some(q) if q.account == account && q.hash == hash => {
-                q.recipients.push((recipient, attempts));
-            }
-            _ => {
-                if out.len() == max {
-                    break;
-                }
-                out.push(QueuedSend {
-                    account,
-                    hash,
-                    send_offset: col::<i64>(row, 2)? as u64,
-                    from: col(row, 3)?,
-                    created_ms: col::<i64>(row, 4)? as u64,
-                    recipients: vec![(recipient, attempts)],
-                });
-            }
+        let row = QueuedSend {
+            account,
+            hash,
+            send_offset: col::<i64>(row, 2)? as u64,
+            from: col(row, 3)?,
+            created_ms: col::<i64>(row, 4)? as u64,
+            recipients: vec![(col(row, 5)?, kit::attempts(col(row, 6)?))],
+        };
+        if !kit::push_due(&mut out, max, row) {
+            break;
         }
     }
     let claim = tx.prepare(

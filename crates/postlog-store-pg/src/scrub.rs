@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use postgres::GenericClient;
-use postlog_proto::limits::{MAX_SCRUB_OFFSETS, MAX_SNAPSHOT_DOTS};
+use postlog_proto::limits::MAX_SCRUB_OFFSETS;
 use postlog_proto::tags::TagState;
 use postlog_proto::{BlobHash, LogOffset, Record};
 use postlog_store::kit::{self, History, KIND_SCRUBBED};
@@ -139,18 +139,8 @@ pub(crate) fn compact(
     head: LogOffset,
     now: u64,
 ) -> R<Option<(LogOffset, LogOffset)>> {
-    let h = history(c, account, hash)?;
-    let old = h.tag_records();
-    if old.len() < 2 {
+    let Some((snap, old)) = history(c, account, hash)?.compaction(hash) else {
         return Ok(None);
-    }
-    let st = h.state();
-    if st.max_dots_per_tag() > MAX_SNAPSHOT_DOTS {
-        return Ok(None);
-    }
-    let snap = Record::TagSnapshot {
-        hash: *hash,
-        tags: st.snapshot(),
     };
     insert_record(c, account, head, now, &snap)?;
     let new_head = scrub_offsets(c, account, &old, head + 1, now)?;

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use postlog_proto::{BlobHash, Record};
-use postlog_store::kit::{self, KIND_SCRUBBED};
+use postlog_store::kit::RowCheck;
 use postlog_store::{StoreError, VerifyReport};
 
 use crate::{PgStore, R, col};
@@ -31,11 +31,21 @@ impl PgStore {
                     .push(format!("account {name}: no heads row"));
                 continue;
             };
-            let mut expect = 0u64;
+            // The refs index, read once (not a query per record).
+            let refs: HashSet<(BlobHash, u64)> = self.run(move |c| {
+                c.query(
+                    "SELECT hash, log_offset FROM refs WHERE account_id = $1",
+                    &[&id],
+                )?
+                .iter()
+                .map(|r| Ok((crate::hash_col(r, 0)?, col::<i64>(r, 1)? as u64)))
+                .collect()
+            })?;
+            let mut rows_seen = RowCheck::default();
             let mut live_refs = 0u64;
             let mut stores = Vec::new();
             loop {
-                let from = expect as i64;
+                let from = rows_seen.expect as i64;
                 let rows = self.run(move |c| {
                     c.query(
                         "SELECT log_offset, kind, body, checksum FROM log
@@ -57,43 +67,18 @@ impl PgStore {
                     break;
                 }
                 for (offset, kind, body, sum) in rows {
-                    let mut problem = |what: String| {
-                        report
-                            .problems
-                            .push(format!("account {name}, offset {offset}: {what}"))
-                    };
-                    if offset != expect {
-                        problem(format!("gap: expected offset {expect}"));
-                    }
-                    expect = offset + 1;
-                    report.records += 1;
-                    if sum.as_slice() != kit::checksum(id, offset, &body) {
-                        problem("record checksum mismatch".into());
+                    let Some(record) =
+                        rows_seen.check(&mut report, &name, id, offset, kind, &body, &sum)
+                    else {
                         continue;
-                    }
-                    if kind == KIND_SCRUBBED {
-                        report.scrubbed += 1;
-                        continue;
-                    }
-                    let record = match Record::decode(&body) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            problem(format!("record does not decode: {e}"));
-                            continue;
-                        }
                     };
                     if let Some(hash) = record.hash() {
                         live_refs += 1;
-                        let o = offset as i64;
-                        let indexed = self.run(move |c| {
-                            Ok(c.query_opt(
-                                "SELECT 1 FROM refs WHERE account_id = $1 AND hash = $2 AND log_offset = $3",
-                                &[&id, &hash.0.as_slice(), &o],
-                            )?
-                            .is_some())
-                        })?;
-                        if !indexed {
-                            problem(format!("message {hash} is missing from the refs index"));
+                        if !refs.contains(&(hash, offset)) {
+                            report.problems.push(format!(
+                                "account {name}, offset {offset}: message {hash} is missing \
+                                 from the refs index"
+                            ));
                         }
                     }
                     if let Record::Store { hash, size, .. } = record {
@@ -104,20 +89,16 @@ impl PgStore {
                 // The chunk's blobs, fetched concurrently.
                 self.check_blobs(id, &name, std::mem::take(&mut stores), &mut report)?;
             }
-            if expect != head as u64 {
+            if rows_seen.expect != head as u64 {
                 report.problems.push(format!(
-                    "account {name}: head is {head} but the log ends at {expect}"
+                    "account {name}: head is {head} but the log ends at {}",
+                    rows_seen.expect
                 ));
             }
-            let refs: i64 = self.run(move |c| {
-                col(
-                    &c.query_one("SELECT COUNT(*) FROM refs WHERE account_id = $1", &[&id])?,
-                    0,
-                )
-            })?;
-            if refs as u64 != live_refs {
+            if refs.len() as u64 != live_refs {
                 report.problems.push(format!(
-                    "account {name}: the refs index has {refs} rows for {live_refs} live records"
+                    "account {name}: the refs index has {} rows for {live_refs} live records",
+                    refs.len()
                 ));
             }
         }

@@ -8,7 +8,7 @@
 //!    listed for upload;
 //! 3. upload those blobs (in parallel; each PUT acknowledged = durable);
 //! 4. update `heads`, `NOTIFY postlog_heads` per account, COMMIT;
-//! 5. answer the jobs, publish the heads, then delete the objects of deleted messages.
+//! 5. delete the objects of deleted messages, then answer the jobs and publish the heads.
 //!
 //! A failed group fails its jobs only (the next group reconnects): unlike a failed fsync,
 //! a PostgreSQL error leaves nothing half-written, and clients retry idempotently.
@@ -25,7 +25,7 @@ use postlog_store::{
 };
 
 use crate::objects::Objects;
-use crate::{Error, R, col, relay, scrub};
+use crate::{R, col, relay, scrub};
 
 /// Most appends committed in one transaction.
 const MAX_GROUP: usize = 1024;
@@ -107,16 +107,18 @@ pub(crate) fn run(
         let mut unlinks = Vec::new();
         match commit_group(c, &objects, work, &mut unlinks) {
             Ok((results, heads)) => {
+                // The objects of deleted messages go before the answers, as the embedded
+                // store's files do: a Delete is answered once the bytes are gone.
+                for (account, hash) in unlinks {
+                    if let Err(e) = unlink(c, &objects, account, &hash) {
+                        tracing::error!(error = %e, "removing a deleted message's object failed; retried at the next start");
+                    }
+                }
                 for (done, r) in dones.into_iter().zip(results) {
                     done(r);
                 }
                 for (account, head) in heads {
                     shared.publish(account, head);
-                }
-                for (account, hash) in unlinks {
-                    if let Err(e) = unlink(c, &objects, account, &hash) {
-                        tracing::error!(error = %e, "removing a deleted message's object failed; retried at the next start");
-                    }
                 }
             }
             Err(e) => {
@@ -586,11 +588,5 @@ pub(crate) fn finish_pending(c: &mut Client, objects: &Objects) {
         if let Err(e) = unlink(c, objects, account, &hash) {
             tracing::warn!(error = %e, "finishing a deletion failed; retried at the next start");
         }
-    }
-}
-
-impl From<mpsc::SendError<Job>> for Error {
-    fn from(_: mpsc::SendError<Job>) -> Self {
-        Error::Other("the writer thread ended".into())
     }
 }

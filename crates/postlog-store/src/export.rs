@@ -119,6 +119,11 @@ impl Export {
             .collect::<Result<_, _>>()?)
     }
 
+    /// The account's Head: the number of offsets its log has assigned.
+    pub fn head(&self, account: AccountId) -> Result<LogOffset> {
+        crate::store::head_from_db(&self.conn, account)
+    }
+
     /// Up to `max` rows of the account's log from `from` on, scrubbed rows included.
     pub fn records(
         &self,

@@ -8,9 +8,10 @@ pub use crate::accounts::{
 pub use crate::blobs::{blob_path, read_verified};
 pub use crate::db::{KIND_SCRUBBED, checksum};
 pub use crate::now_ms;
-pub use crate::relay::{DELIVERED, FAILED, PENDING};
+pub use crate::relay::{DELIVERED, FAILED, PENDING, attempts, push_due};
 pub use crate::scrub::{History, apply, decode_row};
 pub use crate::store::HeadWatcher;
+pub use crate::verify::RowCheck;
 
 use postlog_proto::Record;
 

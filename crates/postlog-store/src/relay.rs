@@ -200,28 +200,42 @@ pub(crate) fn due(c: &Connection, now: u64, max: usize) -> Result<Vec<QueuedSend
             tracing::error!(account, "relay queue row with a malformed hash skipped");
             continue;
         };
-        let recipient: String = row.get(5)?;
-        let attempts = row.get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32;
-        match out.last_mut() {
-            Some(q) if q.account == account && q.hash == hash => {
-                q.recipients.push((recipient, attempts));
-            }
-            _ => {
-                if out.len() == max {
-                    break;
-                }
-                out.push(QueuedSend {
-                    account,
-                    hash,
-                    send_offset: row.get::<_, i64>(2)? as u64,
-                    from: row.get(3)?,
-                    created_ms: row.get::<_, i64>(4)? as u64,
-                    recipients: vec![(recipient, attempts)],
-                });
-            }
+        let row = QueuedSend {
+            account,
+            hash,
+            send_offset: row.get::<_, i64>(2)? as u64,
+            from: row.get(3)?,
+            created_ms: row.get::<_, i64>(4)? as u64,
+            recipients: vec![(row.get(5)?, attempts(row.get(6)?))],
+        };
+        if !push_due(&mut out, max, row) {
+            break;
         }
     }
     Ok(out)
+}
+
+/// A queue row's attempt count, as `QueuedSend` carries it.
+pub fn attempts(column: i64) -> u32 {
+    column.clamp(0, u32::MAX as i64) as u32
+}
+
+/// Adds one due queue row (one recipient; rows ordered by message) to `out`, grouping the
+/// recipients of one message. `false` when the row would start message number `max + 1`:
+/// the caller stops reading.
+pub fn push_due(out: &mut Vec<QueuedSend>, max: usize, row: QueuedSend) -> bool {
+    if let Some(q) = out.last_mut()
+        && q.account == row.account
+        && q.hash == row.hash
+    {
+        q.recipients.extend(row.recipients);
+        return true;
+    }
+    if out.len() == max {
+        return false;
+    }
+    out.push(row);
+    true
 }
 
 /// When the next pending recipient is due, if any is pending.

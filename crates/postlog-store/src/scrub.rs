@@ -35,6 +35,25 @@ impl History {
         st
     }
 
+    /// A compaction of these records: the TagSnapshot to append and the offsets it
+    /// replaces. `None` when there is nothing to gain (fewer than two Tags/TagSnapshot
+    /// records) or a tag has more dots than a snapshot holds.
+    pub fn compaction(&self, hash: &BlobHash) -> Option<(Record, Vec<LogOffset>)> {
+        let old = self.tag_records();
+        if old.len() < 2 {
+            return None;
+        }
+        let st = self.state();
+        if st.max_dots_per_tag() > MAX_SNAPSHOT_DOTS {
+            return None;
+        }
+        let snap = Record::TagSnapshot {
+            hash: *hash,
+            tags: st.snapshot(),
+        };
+        Some((snap, old))
+    }
+
     /// Offsets of the records a compaction replaces: Tags and earlier snapshots.
     pub fn tag_records(&self) -> Vec<LogOffset> {
         self.records
@@ -210,20 +229,10 @@ pub(crate) fn compact(
     head: LogOffset,
     now: u64,
 ) -> Result<Option<(LogOffset, LogOffset)>> {
-    let h = history(tx, account, hash)?;
-    let old = h.tag_records();
-    if old.len() < 2 {
+    let Some((snap, old)) = history(tx, account, hash)?.compaction(hash) else {
         return Ok(None);
-    }
-    let st = h.state();
-    if st.max_dots_per_tag() > MAX_SNAPSHOT_DOTS {
-        return Ok(None);
-    }
-    // The snapshot first: a replica that reads the Scrub has already replaced the state.
-    let snap = Record::TagSnapshot {
-        hash: *hash,
-        tags: st.snapshot(),
     };
+    // The snapshot first: a replica that reads the Scrub has already replaced the state.
     crate::store::insert_record(tx, account, head, now, &snap)?;
     let new_head = scrub_offsets(tx, account, &old, head + 1, now)?;
     Ok(Some((new_head - 1, new_head)))

@@ -103,6 +103,19 @@ pub trait Backend: Send + Sync + 'static {
     fn read_log(&self, account: AccountId, from: LogOffset, max: usize) -> Result<Vec<LogEntry>>;
     fn blob_writer(&self, max_size: u64) -> Result<BlobWriter>;
     fn append(&self, account: AccountId, record: NewRecord, done: Done);
+    /// Appends and waits for the outcome (a blocking convenience over `append`).
+    fn append_blocking(&self, account: AccountId, record: NewRecord) -> Result<Appended> {
+        let (tx, rx) = mpsc::channel();
+        self.append(
+            account,
+            record,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Stopped("writer thread ended".into())))
+    }
     /// The verified bytes of a message the account holds; `None` if it holds no such message.
     fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>>;
     /// [`read_blob`](Backend::read_blob) for several messages, in order. A backend whose
@@ -207,20 +220,6 @@ impl Store {
 
     pub fn account_id(&self, name: &str) -> Result<AccountId> {
         self.with_reader(|c| accounts::account_id(c, name))
-    }
-
-    /// Appends and waits: a blocking convenience over [`Backend::append`].
-    pub fn append_blocking(&self, account: AccountId, record: NewRecord) -> Result<Appended> {
-        let (tx, rx) = mpsc::channel();
-        self.append(
-            account,
-            record,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.recv()
-            .unwrap_or_else(|_| Err(StoreError::Stopped("writer thread ended".into())))
     }
 }
 
@@ -401,7 +400,7 @@ impl Backend for Store {
     }
 }
 
-fn head_from_db(c: &Connection, account: AccountId) -> Result<LogOffset> {
+pub(crate) fn head_from_db(c: &Connection, account: AccountId) -> Result<LogOffset> {
     let h: i64 = c.query_row(
         "SELECT COALESCE(MAX(offset) + 1, 0) FROM log WHERE account_id = ?1",
         [account],

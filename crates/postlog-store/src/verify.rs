@@ -26,6 +26,56 @@ impl VerifyReport {
     }
 }
 
+/// The checks every log row gets, in offset order, in every backend's verify: offsets
+/// gap-free from 0, checksum, scrubbed rows counted, the body decodes.
+#[derive(Debug, Default)]
+pub struct RowCheck {
+    /// The offset the next row should have (after the last row: the log's length).
+    pub expect: u64,
+}
+
+impl RowCheck {
+    /// Checks one row, recording problems and counts in `report`. The record if the row is
+    /// live and sound (then the caller checks what it refers to).
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        &mut self,
+        report: &mut VerifyReport,
+        name: &str,
+        account: i64,
+        offset: u64,
+        kind: i64,
+        body: &[u8],
+        sum: &[u8],
+    ) -> Option<Record> {
+        let mut problem = |what: String| {
+            report
+                .problems
+                .push(format!("account {name}, offset {offset}: {what}"))
+        };
+        if offset != self.expect {
+            problem(format!("gap: expected offset {}", self.expect));
+        }
+        self.expect = offset + 1;
+        report.records += 1;
+        if sum != db::checksum(account, offset, body) {
+            problem("record checksum mismatch".into());
+            return None;
+        }
+        if kind == KIND_SCRUBBED {
+            report.scrubbed += 1;
+            return None;
+        }
+        match Record::decode(body) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                problem(format!("record does not decode: {e}"));
+                None
+            }
+        }
+    }
+}
+
 /// Reads every record (offsets gap-free from 0, checksum, decodable) and every blob a
 /// Store record names (present, hash matches, indexed), and runs SQLite's integrity check.
 pub fn verify(root: &Path) -> Result<VerifyReport> {
@@ -55,37 +105,21 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
             "SELECT offset, kind, body, checksum FROM log WHERE account_id = ?1 ORDER BY offset",
         )?;
         let mut rows = stmt.query([id])?;
-        let mut expect = 0u64;
+        let mut rows_seen = RowCheck::default();
         let mut live_refs = 0u64;
         while let Some(row) = rows.next()? {
             let offset = row.get::<_, i64>(0)? as u64;
             let kind: i64 = row.get(1)?;
             let body: Vec<u8> = row.get(2)?;
             let sum: Vec<u8> = row.get(3)?;
+            let Some(record) = rows_seen.check(&mut report, &name, id, offset, kind, &body, &sum)
+            else {
+                continue;
+            };
             let mut problem = |what: String| {
                 report
                     .problems
                     .push(format!("account {name}, offset {offset}: {what}"))
-            };
-            if offset != expect {
-                problem(format!("gap: expected offset {expect}"));
-            }
-            expect = offset + 1;
-            report.records += 1;
-            if sum.as_slice() != db::checksum(id, offset, &body) {
-                problem("record checksum mismatch".into());
-                continue;
-            }
-            if kind == KIND_SCRUBBED {
-                report.scrubbed += 1;
-                continue;
-            }
-            let record = match Record::decode(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    problem(format!("record does not decode: {e}"));
-                    continue;
-                }
             };
             if let Some(hash) = record.hash() {
                 live_refs += 1;

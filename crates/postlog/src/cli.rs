@@ -123,7 +123,8 @@ mail message (EX_DATAERR); 67 no such account (EX_NOUSER); 75 could not store no
 later (EX_TEMPFAIL).\n\n\
 With no server running, the message is stored directly in DIR. While the server runs (it \
 holds DIR's lock), the message goes to the server's LMTP listener: --lmtp, else [lmtp] in \
-DIR/postlog.toml.\n\n\
+DIR/postlog.toml. With [storage] backend = \"postgres\" there is no lock: the message is \
+stored directly, beside any running server.\n\n\
 Postfix:   mailbox_command = /usr/local/bin/postlog deliver --data DIR --account NAME\n\
 procmail:  :0 w\n           | postlog deliver --data DIR --account NAME"
 )]

@@ -175,6 +175,7 @@ fn store_directly(
     let blob = writer.finish().map_err(temp)?;
     let tags = config.delivery.initial_tags.clone();
     store
+        .backend()
         .append_blocking(account, NewRecord::Store { blob, tags })
         .map_err(temp)?;
     Ok(())
