@@ -27,26 +27,6 @@ fn login(url: &LoginUrl, profile: &Path) {
     assert!(ok, "login failed: {err}");
 }
 
-/// Every message file in a Maildir, checked: its name starts with the hash of its bytes.
-/// Returns the hashes; panics on a duplicate or a mismatch.
-fn maildir_hashes(root: &Path) -> HashSet<BlobHash> {
-    let mut out = HashSet::new();
-    for sub in ["cur", "new"] {
-        for e in std::fs::read_dir(root.join(sub)).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().into_owned();
-            let hash: BlobHash = name[..64].parse().unwrap();
-            assert_eq!(
-                BlobHash::of(&std::fs::read(e.path()).unwrap()),
-                hash,
-                "{name}"
-            );
-            assert!(out.insert(hash), "duplicate file for {hash}");
-        }
-    }
-    out
-}
-
 fn tmp_is_empty(root: &Path) -> bool {
     std::fs::read_dir(root.join("tmp"))
         .unwrap()
@@ -122,7 +102,7 @@ async fn import_sync_and_watch_end_to_end() {
     let mut want = hashes.clone();
     want.insert(BlobHash::of(&extra));
     let mail = b.join("mail");
-    assert_eq!(maildir_hashes(&mail), want);
+    assert_eq!(common::maildir_hashes(&mail), want);
     assert!(tmp_is_empty(&mail));
     // Unread imports land in new/, read ones in cur/ with the S flag.
     assert_eq!(std::fs::read_dir(mail.join("new")).unwrap().count(), 100);
@@ -182,7 +162,7 @@ async fn import_sync_and_watch_end_to_end() {
         watch.wait().unwrap().success(),
         "watch exits cleanly on SIGTERM"
     );
-    assert_eq!(maildir_hashes(&mail), want);
+    assert_eq!(common::maildir_hashes(&mail), want);
     server.stop().await;
 }
 
@@ -238,13 +218,17 @@ async fn sigkill_during_sync_resumes_exactly() {
         child.wait().unwrap();
         let mail = c.join("mail");
         // Whatever is there after a kill is whole and named right (checked by maildir_hashes).
-        let partial = maildir_hashes(&mail);
+        let partial = common::maildir_hashes(&mail);
         assert!(partial.is_subset(&want));
     }
     let (ok, out, err) = cli(&["sync", "--profile", c.to_str().unwrap()]);
     assert!(ok, "{err}");
     let mail = c.join("mail");
-    assert_eq!(maildir_hashes(&mail), want, "exactly the server's messages");
+    assert_eq!(
+        common::maildir_hashes(&mail),
+        want,
+        "exactly the server's messages"
+    );
     assert!(tmp_is_empty(&mail), "no tmp/ leftovers");
     assert_eq!(
         std::fs::read_to_string(c.join("cursor")).unwrap().trim(),
@@ -312,7 +296,7 @@ async fn clear_errors_for_wrong_pin_secret_dead_server_and_restart() {
         !out.status.success() && stderr.contains("cannot reach the server"),
         "{stderr}"
     );
-    assert!(maildir_hashes(&p.join("mail")).is_empty());
+    assert!(common::maildir_hashes(&p.join("mail")).is_empty());
 
     // Server killed and restarted in the middle of a sync: the sync fails or finishes, and
     // the next sync ends with exactly the server's messages.
@@ -338,7 +322,7 @@ async fn clear_errors_for_wrong_pin_secret_dead_server_and_restart() {
     common::connect_retry(&endpoint, &url).await.close();
     let (ok, _, err) = cli(&["sync", "--profile", &ps(&p)]);
     assert!(ok, "{err}");
-    assert_eq!(maildir_hashes(&p.join("mail")), want);
+    assert_eq!(common::maildir_hashes(&p.join("mail")), want);
     assert!(tmp_is_empty(&p.join("mail")));
     server.terminate();
 }

@@ -69,11 +69,6 @@ fn terminate_connections(data: &Path) {
     .unwrap();
 }
 
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let (status, out, err) = common::run_cli(args, &[]);
-    (status.success(), out, err)
-}
-
 /// Every record of the account from offset 0, as one node serves it.
 async fn whole_log(conn: &Connection) -> Vec<(LogOffset, Record)> {
     let mut s = conn.log(0, false).await.unwrap();
@@ -84,27 +79,6 @@ async fn whole_log(conn: &Connection) -> Vec<(LogOffset, Record)> {
             LogItem::Live(_) => return out,
         }
     }
-}
-
-fn maildir_hashes(root: &Path) -> HashSet<BlobHash> {
-    let mut out = HashSet::new();
-    for sub in ["cur", "new"] {
-        let Ok(dir) = std::fs::read_dir(root.join(sub)) else {
-            continue;
-        };
-        for e in dir {
-            let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().into_owned();
-            let hash: BlobHash = name[..64].parse().unwrap();
-            assert_eq!(
-                BlobHash::of(&std::fs::read(e.path()).unwrap()),
-                hash,
-                "{name}"
-            );
-            assert!(out.insert(hash), "duplicate file for {hash}");
-        }
-    }
-    out
 }
 
 /// Client A imports 1,000 messages through node 1 while client B watches on node 2: B ends
@@ -123,8 +97,7 @@ async fn two_nodes_one_mailbox() {
     let url = node1.account("ann");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     for (profile, u) in [(&a, url.clone()), (&b, on(&url, node2.addr))] {
-        let (ok, _, err) = cli(&["login", &u.to_url(), "--profile", common::p(profile)]);
-        assert!(ok, "{err}");
+        common::cli(&["login", &u.to_url(), "--profile", common::p(profile)]);
     }
     let mut watch = Command::new(common::bin())
         .args(["sync", "--watch", "--profile", common::p(&b)])
@@ -142,7 +115,7 @@ async fn two_nodes_one_mailbox() {
         want.insert(BlobHash::of(&m));
         std::fs::write(src.join(format!("cur/{i}.src:2,S")), m).unwrap();
     }
-    let (ok, out, err) = cli(&[
+    let out = common::cli(&[
         "import",
         "maildir",
         common::p(&src),
@@ -150,11 +123,10 @@ async fn two_nodes_one_mailbox() {
         common::p(&a),
         "--quiet",
     ]);
-    assert!(ok, "{err}");
     assert!(out.contains("1000 stored"), "{out}");
     let mail = b.join("mail");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while maildir_hashes(&mail).len() < want.len() {
+    while common::maildir_hashes(&mail).len() < want.len() {
         assert!(
             Instant::now() < deadline,
             "B did not receive everything through node 2"
@@ -166,7 +138,7 @@ async fn two_nodes_one_mailbox() {
         .status();
     assert!(watch.wait().unwrap().success());
     assert_eq!(
-        maildir_hashes(&mail),
+        common::maildir_hashes(&mail),
         want,
         "byte-identical (names are the hashes)"
     );
@@ -243,14 +215,7 @@ async fn kill9_one_node_during_concurrent_stores() {
     let (a1, a2) = (addr(1), addr(2));
     let mut n1 = common::ServerProcess::spawn(&d1, a1);
     let _n2 = common::ServerProcess::spawn(&d2, a2);
-    let creds = common::admin(&d1).add_device("ann", &[], "test").unwrap();
-    let url = LoginUrl {
-        account: creds.account,
-        server: a1.to_string(),
-        device: creds.device,
-        secret: creds.secret,
-        fingerprint,
-    };
+    let url = common::account_on(&d1, a1, &fingerprint, "ann");
     let endpoint = Endpoint::new(&url.fingerprint).unwrap();
     let c1 = common::connect_retry(&endpoint, &url).await;
     let c2 = common::connect_retry(&endpoint, &on(&url, a2)).await;
@@ -396,33 +361,28 @@ async fn migrate_embedded_directory() {
     for f in ["cert.pem", "key.pem"] {
         std::fs::copy(old.join(f), new.join(f)).unwrap();
     }
-    let (ok, out, err) = cli(&[
-        "migrate",
-        "--from",
-        common::p(&old),
-        "--data",
-        common::p(&new),
-        "--quiet",
-    ]);
-    assert!(ok, "{err}");
+    let migrate = || {
+        common::cli(&[
+            "migrate",
+            "--from",
+            common::p(&old),
+            "--data",
+            common::p(&new),
+            "--quiet",
+        ])
+    };
+    let out = migrate();
     assert!(
         out.contains("migrated 2 accounts (0 already there)"),
         "{out}"
     );
-    let (ok, out, err) = cli(&[
-        "migrate",
-        "--from",
-        common::p(&old),
-        "--data",
-        common::p(&new),
-        "--quiet",
-    ]);
+    let out = migrate();
     assert!(
-        ok && out.contains("migrated 0 accounts (2 already there)"),
-        "{out} {err}"
+        out.contains("migrated 0 accounts (2 already there)"),
+        "{out}"
     );
-    let (ok, out, _) = cli(&["verify", "--data", common::p(&new)]);
-    assert!(ok && out.contains("ok"), "{out}");
+    let out = common::cli(&["verify", "--data", common::p(&new)]);
+    assert!(out.contains("ok"), "{out}");
 
     let node = common::InProcess::start(&new).await;
     assert_eq!(node.fingerprint, url.fingerprint);

@@ -310,11 +310,7 @@ pub fn traces(root: &Path, needles: &[&[u8]]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut dirs = vec![root.to_owned()];
     while let Some(d) = dirs.pop() {
-        // A directory the backend does not use (blobs/ on PostgreSQL + S3) holds nothing.
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
             let path = e.path();
             if path.is_dir() {
                 dirs.push(path);
@@ -347,6 +343,31 @@ pub fn cli(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Every message file in a Maildir's cur/ and new/ (either may not exist yet), checked: its
+/// name starts with the hash of its bytes. Returns the hashes; panics on a duplicate or a
+/// mismatch.
+pub fn maildir_hashes(root: &Path) -> std::collections::HashSet<postlog_proto::BlobHash> {
+    use postlog_proto::BlobHash;
+    let mut out = std::collections::HashSet::new();
+    for sub in ["cur", "new"] {
+        let Ok(dir) = std::fs::read_dir(root.join(sub)) else {
+            continue;
+        };
+        for e in dir {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hash: BlobHash = name[..64].parse().unwrap();
+            assert_eq!(
+                BlobHash::of(&std::fs::read(e.path()).unwrap()),
+                hash,
+                "{name}"
+            );
+            assert!(out.insert(hash), "duplicate file for {hash}");
+        }
+    }
+    out
 }
 
 pub fn p(path: &Path) -> &str {
