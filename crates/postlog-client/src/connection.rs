@@ -417,17 +417,36 @@ impl Connection {
     }
 }
 
+/// Reads a message of `size` bytes that follows a frame on `recv` and checks it against
+/// `hash`. Reads go straight into the buffer's spare capacity (no zeroed buffer first),
+/// as many received chunks per call as are ready.
 async fn read_blob(recv: &mut RecvStream, size: u64, hash: &BlobHash) -> Result<Vec<u8>> {
+    use bytes::BufMut;
+    use tokio::io::AsyncReadExt;
     if size > MAX_MESSAGE_SIZE {
         return Err(ClientError::Protocol(format!(
             "message of {size} bytes exceeds the limit"
         )));
     }
-    let mut buf = vec![0u8; size as usize];
-    recv.read_exact(&mut buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => ClientError::Lost("message cut short".into()),
-        quinn::ReadExactError::ReadError(e) => e.into(),
-    })?;
+    let size = size as usize;
+    let mut buf = Vec::with_capacity(size);
+    while buf.len() < size {
+        let want = size - buf.len();
+        match recv.read_buf(&mut (&mut buf).limit(want)).await {
+            Ok(0) => return Err(ClientError::Lost("message cut short".into())),
+            Ok(_) => {}
+            // quinn's AsyncRead wraps its ReadError; unwrap it so that retryable stays typed.
+            Err(e) => {
+                return Err(
+                    match e.into_inner().map(|i| i.downcast::<quinn::ReadError>()) {
+                        Some(Ok(read)) => (*read).into(),
+                        Some(Err(other)) => ClientError::Lost(other.to_string()),
+                        None => ClientError::Lost("stream read failed".into()),
+                    },
+                );
+            }
+        }
+    }
     if BlobHash::of(&buf) != *hash {
         return Err(ClientError::Protocol(format!(
             "message {hash} does not match its hash"

@@ -304,14 +304,12 @@ async fn fetch(conn: &Arc<Conn>, send: &mut SendStream, hash: BlobHash) -> Resul
     let Some(bytes) = bytes else {
         return Err(Fail(ErrorCode::NotFound, format!("no message {hash}")));
     };
-    send.write_all(
-        &Response::Blob {
-            size: bytes.len() as u64,
-        }
-        .to_frame(),
-    )
-    .await?;
-    send.write_all(&bytes).await?;
+    let frame = Response::Blob {
+        size: bytes.len() as u64,
+    }
+    .to_frame();
+    send.write_all_chunks(&mut [frame.into(), bytes.into()])
+        .await?;
     Ok(())
 }
 
@@ -475,9 +473,11 @@ async fn log(conn: &Arc<Conn>, send: &mut SendStream, mut from: LogOffset, inlin
                 next = Some(spawn_read(conn, resume, inline));
             }
             for (entry, blob) in items {
-                send.write_all(&Response::Entry(entry).to_frame()).await?;
-                if let Some(bytes) = blob {
-                    send.write_all(&bytes).await?;
+                // Handed to quinn as owned buffers: the message is not copied again.
+                let frame = bytes::Bytes::from(Response::Entry(entry).to_frame());
+                match blob {
+                    Some(b) => send.write_all_chunks(&mut [frame, b.into()]).await?,
+                    None => send.write_chunk(frame).await?,
                 }
             }
             // Without `more`, everything below `head` was read; the rest were scrubbed holes.

@@ -144,7 +144,7 @@ impl Server {
             addr: config.listen,
             source,
         };
-        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        let socket = postlog_net::bind_udp(config.listen).map_err(bind)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(tls::quinn_server_config(identity)?),
@@ -382,7 +382,19 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> any
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    let path = conn.stats().path;
+                    tracing::debug!(
+                        device,
+                        rtt_us = path.rtt.as_micros() as u64,
+                        mtu = path.current_mtu,
+                        sent_packets = path.sent_packets,
+                        lost_packets = path.lost_packets,
+                        congestion_events = path.congestion_events,
+                        "connection closed"
+                    );
+                    return Ok(());
+                }
             },
             r = revoked.changed(), if watching => {
                 watching = r.is_ok();

@@ -328,13 +328,12 @@ impl Backend for Store {
     fn read_blob(&self, account: AccountId, hash: &BlobHash) -> Result<Option<Vec<u8>>> {
         let held = || -> Result<bool> {
             self.with_reader(|c| {
-                Ok(c.query_row(
-                    "SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2",
-                    params![account, hash.0.as_slice()],
-                    |_| Ok(()),
+                Ok(
+                    c.prepare_cached("SELECT 1 FROM blobs WHERE account_id = ?1 AND hash = ?2")?
+                        .query_row(params![account, hash.0.as_slice()], |_| Ok(()))
+                        .optional()?
+                        .is_some(),
                 )
-                .optional()?
-                .is_some())
             })
         };
         if !held()? {
