@@ -35,12 +35,13 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    // The server spreads connections over every core. A client command has one
-    // connection: a single network thread (plus blocking threads for files and the local
-    // database) spends less on waking and moving tasks between workers.
+    // The server (and the demo, which runs one in-process) spreads connections over every
+    // core. A client command has one connection: a single network thread (plus blocking
+    // threads for files and the local database) spends less on waking and moving tasks
+    // between workers.
     let serving = matches!(
         args.as_ref().map(|a| &a.command),
-        Some(cli::Command::Serve(_))
+        Some(cli::Command::Serve(_) | cli::Command::Demo(_))
     );
     let mut builder = match serving {
         true => tokio::runtime::Builder::new_multi_thread(),
