@@ -55,7 +55,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let Some(args) = args else {
-        return runtime.block_on(sendmail::run(argv[1..].to_vec()));
+        let code = runtime.block_on(sendmail::run(argv[1..].to_vec()));
+        runtime.block_on(send_connection_closes());
+        return code;
     };
     if let cli::Command::Sendmail(a) = args.command {
         let code = runtime.block_on(sendmail::run(a.args));

@@ -326,3 +326,36 @@ async fn clear_errors_for_wrong_pin_secret_dead_server_and_restart() {
     assert!(tmp_is_empty(&p.join("mail")));
     server.terminate();
 }
+
+/// A finished command gives its connection back at once. Regression: the CONNECTION_CLOSE
+/// frame was lost with the exiting process, so the server held every finished `sync`'s
+/// connection (and any Log stream's slot) until its 60 s idle timeout. With room for one
+/// connection, back-to-back commands each need the previous one's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_commands_give_their_connection_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("postlog.toml"), "max_connections = 1\n").unwrap();
+    let server = common::InProcess::start(&data).await;
+    let url = server.account("ann");
+    let p = dir.path().join("p");
+    login(&url, &p);
+    for _ in 0..3 {
+        // The server frees the slot when the close arrives, a moment after the previous
+        // process exited: allow for that moment, far less than the idle timeout.
+        let started = Instant::now();
+        loop {
+            let (ok, _, err) = cli(&["sync", "--profile", p.to_str().unwrap()]);
+            if ok {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "sync still refused 10 s after the previous command ended: {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    server.stop().await;
+}
