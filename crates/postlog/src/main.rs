@@ -55,18 +55,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     let Some(args) = args else {
-        let code = runtime.block_on(sendmail::run(argv[1..].to_vec()));
-        runtime.block_on(send_connection_closes());
-        return code;
+        return run_to_end(&runtime, sendmail::run(argv[1..].to_vec()));
     };
     if let cli::Command::Sendmail(a) = args.command {
-        let code = runtime.block_on(sendmail::run(a.args));
-        runtime.block_on(send_connection_closes());
-        return code;
+        return run_to_end(&runtime, sendmail::run(a.args));
     }
-    let result = runtime.block_on(cli::run(args));
-    runtime.block_on(send_connection_closes());
-    match result {
+    match run_to_end(&runtime, cli::run(args)) {
         Ok(code) => code,
         Err(e) => {
             if is_broken_pipe(&e) {
@@ -78,14 +72,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// A command's connections are closed when their last handle is dropped, but the frame
-/// telling the server so is sent by the connection's driver task. Without a turn for the
-/// drivers the process exits first, and the server keeps the connection (and a Log
+/// Runs a command to its end. Its connections close when their last handle is dropped, but
+/// the frame telling the server so is sent by each connection's driver task: the drivers
+/// get a turn before the process exits, or the server keeps the connection (and a Log
 /// stream's slot) until its idle timeout, 60 s later.
-async fn send_connection_closes() {
-    for _ in 0..2 {
-        tokio::task::yield_now().await;
-    }
+fn run_to_end<T>(runtime: &tokio::runtime::Runtime, command: impl Future<Output = T>) -> T {
+    runtime.block_on(async {
+        let out = command.await;
+        for _ in 0..2 {
+            tokio::task::yield_now().await;
+        }
+        out
+    })
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -93,25 +93,10 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// Every message file of a Maildir, checked against its name: (hashes, duplicates).
+/// Every message file of a Maildir, checked against its name: (hashes, duplicates); and no
+/// tmp/ leftovers.
 fn maildir_contents(root: &Path) -> (HashSet<BlobHash>, u64) {
-    let mut out = HashSet::new();
-    let mut dups = 0;
-    for sub in ["cur", "new"] {
-        for e in std::fs::read_dir(root.join(sub)).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().into_owned();
-            let hash: BlobHash = name[..64].parse().unwrap();
-            assert_eq!(
-                BlobHash::of(&std::fs::read(e.path()).unwrap()),
-                hash,
-                "{name}"
-            );
-            if !out.insert(hash) {
-                dups += 1;
-            }
-        }
-    }
+    let (out, dups) = common::maildir_contents(root);
     let tmp = std::fs::read_dir(root.join("tmp")).unwrap().count();
     assert_eq!(tmp, 0, "tmp leftovers in {}", root.display());
     (out, dups)

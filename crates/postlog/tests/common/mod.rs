@@ -345,12 +345,13 @@ pub fn cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-/// Every message file in a Maildir's cur/ and new/ (either may not exist yet), checked: its
-/// name starts with the hash of its bytes. Returns the hashes; panics on a duplicate or a
-/// mismatch.
-pub fn maildir_hashes(root: &Path) -> std::collections::HashSet<postlog_proto::BlobHash> {
+/// Every message file in a Maildir's `cur/` and `new/` (a missing one counts as empty),
+/// each checked to hash to the name it starts with: the hashes, and how many files
+/// repeated a hash already seen.
+pub fn maildir_contents(root: &Path) -> (std::collections::HashSet<postlog_proto::BlobHash>, u64) {
     use postlog_proto::BlobHash;
     let mut out = std::collections::HashSet::new();
+    let mut dups = 0;
     for sub in ["cur", "new"] {
         let Ok(dir) = std::fs::read_dir(root.join(sub)) else {
             continue;
@@ -364,9 +365,18 @@ pub fn maildir_hashes(root: &Path) -> std::collections::HashSet<postlog_proto::B
                 hash,
                 "{name}"
             );
-            assert!(out.insert(hash), "duplicate file for {hash}");
+            if !out.insert(hash) {
+                dups += 1;
+            }
         }
     }
+    (out, dups)
+}
+
+/// [`maildir_contents`], failing on a duplicate file.
+pub fn maildir_hashes(root: &Path) -> std::collections::HashSet<postlog_proto::BlobHash> {
+    let (out, dups) = maildir_contents(root);
+    assert_eq!(dups, 0, "duplicate files in {}", root.display());
     out
 }
 
