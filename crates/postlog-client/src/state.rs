@@ -195,7 +195,8 @@ impl State {
     }
 
     pub fn put_tags(conn: &Connection, hash: &BlobHash, state: &TagState) -> Result<()> {
-        conn.execute("DELETE FROM dots WHERE hash = ?1", [hash.0.as_slice()])?;
+        conn.prepare_cached("DELETE FROM dots WHERE hash = ?1")?
+            .execute([hash.0.as_slice()])?;
         let mut stmt = conn.prepare_cached(
             "INSERT INTO dots (hash, tag, offset, device) VALUES (?1, ?2, ?3, ?4)",
         )?;
@@ -212,20 +213,17 @@ impl State {
 
     pub fn name_of(conn: &Connection, hash: &BlobHash) -> Result<Option<String>> {
         Ok(conn
-            .query_row(
-                "SELECT name FROM messages WHERE hash = ?1",
-                [hash.0.as_slice()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT name FROM messages WHERE hash = ?1")?
+            .query_row([hash.0.as_slice()], |r| r.get(0))
             .optional()?)
     }
 
     pub fn set_name(conn: &Connection, hash: &BlobHash, name: &str) -> Result<()> {
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO messages (hash, name) VALUES (?1, ?2)
              ON CONFLICT(hash) DO UPDATE SET name = excluded.name",
-            params![hash.0.as_slice(), name],
-        )?;
+        )?
+        .execute(params![hash.0.as_slice(), name])?;
         Ok(())
     }
 
