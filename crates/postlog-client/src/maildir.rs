@@ -5,9 +5,15 @@
 //! made durable with one filesystem barrier (`syncfs`; a batch of a few files, such as one
 //! pushed message, fsyncs each file instead), renamed into place, and then the two
 //! directories are fsynced. A crash leaves at most `tmp/postlog.*` files, removed on open.
+//!
+//! A [`Stager`] may write a message's `tmp/` file on another thread as soon as the message
+//! arrives, before its batch is complete; the batch then finds the file written and only
+//! makes it durable and renames it. Files the batch turns out not to need are removed.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use postlog_proto::BlobHash;
 
@@ -39,6 +45,74 @@ pub struct NewMessage<'a> {
 
 pub struct Maildir {
     root: PathBuf,
+    staging: Arc<Staging>,
+}
+
+/// `tmp/` files written ahead of their batch, by hash, shared by the [`Maildir`] (the
+/// batch writer) and its [`Stager`].
+#[derive(Default)]
+struct Staging {
+    files: Mutex<HashMap<BlobHash, Stage>>,
+    /// Signalled whenever a file leaves [`Stage::Writing`].
+    written: Condvar,
+    /// Batches completed so far: the stager skips messages of earlier batches.
+    batches_done: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    /// The stager is writing `tmp/postlog.<hash>`.
+    Writing,
+    /// The file is complete in `tmp/` (written, not yet made durable).
+    Written,
+    /// The batch writer owns the file until its batch is renamed into place; the stager
+    /// leaves it alone (writing it again could truncate a file being renamed).
+    Claimed,
+}
+
+impl Staging {
+    fn files(&self) -> MutexGuard<'_, HashMap<BlobHash, Stage>> {
+        // The map stays consistent whatever a panicking holder did: every update is one
+        // insert or remove.
+        self.files.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes message files into a Maildir's `tmp/` ahead of their batch, from another
+/// thread than the batch writer. Best effort: a file it fails to write is written (and
+/// its error reported) by the batch.
+pub struct Stager {
+    tmp: PathBuf,
+    staging: Arc<Staging>,
+}
+
+impl Stager {
+    /// Writes the message's `tmp/` file unless it is there or being written already, or
+    /// its batch (`batch`, counted from 0 since the Maildir was opened) is done.
+    pub fn stage(&self, batch: u64, hash: &BlobHash, bytes: &[u8]) {
+        if batch < self.staging.batches_done.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut files = self.staging.files();
+            if files.contains_key(hash) {
+                return;
+            }
+            files.insert(*hash, Stage::Writing);
+        }
+        let path = tmp_path(&self.tmp, hash);
+        let written = write_file(&path, bytes, false).is_ok();
+        {
+            let mut files = self.staging.files();
+            if written {
+                files.insert(*hash, Stage::Written);
+            } else {
+                let _ = std::fs::remove_file(&path);
+                files.remove(hash);
+            }
+        }
+        self.staging.written.notify_all();
+    }
 }
 
 impl Maildir {
@@ -66,7 +140,74 @@ impl Maildir {
         }
         Ok(Maildir {
             root: root.to_owned(),
+            staging: Arc::default(),
         })
+    }
+
+    /// A [`Stager`] for this Maildir, to run on another thread.
+    pub fn stager(&self) -> Stager {
+        Stager {
+            tmp: self.root.join("tmp"),
+            staging: self.staging.clone(),
+        }
+    }
+
+    /// Takes the `tmp/` file of a message for the current batch: `true` if the stager
+    /// wrote it completely (waiting while it is being written), `false` if the caller must
+    /// write it. Either way the stager leaves it alone until [`Maildir::release`].
+    fn claim(&self, hash: &BlobHash) -> bool {
+        let mut files = self.staging.files();
+        loop {
+            match files.get(hash) {
+                Some(Stage::Writing) => {
+                    files = self
+                        .staging
+                        .written
+                        .wait(files)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                Some(Stage::Written) => {
+                    files.insert(*hash, Stage::Claimed);
+                    return true;
+                }
+                Some(Stage::Claimed) => return false,
+                None => {
+                    files.insert(*hash, Stage::Claimed);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Ends a batch: removes the staged files of `hashes` the batch did not take (already
+    /// held, or duplicates) and lets the stager skip what is left of this batch.
+    pub fn end_batch<'h>(&self, hashes: impl Iterator<Item = &'h BlobHash>) {
+        let tmp = self.root.join("tmp");
+        let mut files = self.staging.files();
+        for h in hashes {
+            if files.get(h) == Some(&Stage::Written) {
+                let _ = std::fs::remove_file(tmp_path(&tmp, h));
+                files.remove(h);
+            }
+        }
+        self.staging.batches_done.fetch_add(1, Ordering::Release);
+    }
+
+    /// Removes every staged file left (a stream that ended inside a batch). Call once the
+    /// stager has stopped.
+    pub fn discard_staged(&self) {
+        let tmp = self.root.join("tmp");
+        for (h, _) in self.staging.files().drain() {
+            let _ = std::fs::remove_file(tmp_path(&tmp, &h));
+        }
+    }
+
+    /// Forgets the claims of a batch whose files are now in place.
+    fn release(&self, hashes: &[BlobHash]) {
+        let mut files = self.staging.files();
+        for h in hashes {
+            files.remove(h);
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -113,26 +254,46 @@ impl Maildir {
         // flush the whole filesystem, which may hold other programs' dirty data; a large
         // batch gets one barrier for all its files instead of one fsync per file.
         let per_file = todo.len() <= PER_FILE_FSYNC_MAX;
-        for m in todo {
-            let t = tmp.join(format!("{TMP_PREFIX}{}", m.hash));
-            write_file(&t, m.bytes, per_file)?;
+        let mut claimed = Vec::with_capacity(todo.len());
+        let written = todo.into_iter().try_for_each(|m| {
+            let t = tmp_path(&tmp, &m.hash);
+            claimed.push(m.hash);
+            if self.claim(&m.hash) {
+                if per_file {
+                    std::fs::File::open(&t)
+                        .and_then(|f| f.sync_all())
+                        .map_err(err(&t))?;
+                }
+            } else {
+                write_file(&t, m.bytes, per_file)?;
+            }
             staged.push((t, self.root.join(&m.name)));
-        }
+            Ok(())
+        });
+        let done = written.and_then(|()| self.place(&tmp, &staged, per_file));
+        // Only now: a claim released before the rename would let the stager rewrite
+        // (truncate) a file being renamed into place.
+        self.release(&claimed);
+        done?;
+        Ok(staged.len())
+    }
+
+    /// Makes a batch's `tmp/` files durable and renames them into place, durably.
+    fn place(&self, tmp: &Path, staged: &[(PathBuf, PathBuf)], per_file: bool) -> Result<()> {
         if staged.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         if !per_file {
-            let dir = std::fs::File::open(&tmp).map_err(err(&tmp))?;
+            let dir = std::fs::File::open(tmp).map_err(err(tmp))?;
             rustix::fs::syncfs(&dir).map_err(|e| MaildirError {
-                path: tmp.clone(),
+                path: tmp.to_owned(),
                 source: e.into(),
             })?;
         }
-        for (t, dest) in &staged {
+        for (t, dest) in staged {
             std::fs::rename(t, dest).map_err(err(dest))?;
         }
-        self.sync_dirs()?;
-        Ok(staged.len())
+        self.sync_dirs()
     }
 
     /// Renames a message file (e.g. to new flags). `Ok(false)` if `from` is gone (a mail
@@ -178,6 +339,11 @@ impl Maildir {
 /// ones with one syncfs barrier.
 const PER_FILE_FSYNC_MAX: usize = 4;
 
+/// Where a message is written in `tmp/` before it is renamed into place.
+fn tmp_path(tmp: &Path, hash: &BlobHash) -> PathBuf {
+    tmp.join(format!("{TMP_PREFIX}{hash}"))
+}
+
 /// Writes `bytes` to a new file at `path`, fsyncing it if `sync`.
 fn write_file(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     use std::io::Write;
@@ -203,6 +369,69 @@ fn fsync_dir(d: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tmp_files(root: &Path) -> usize {
+        std::fs::read_dir(root.join("tmp")).unwrap().count()
+    }
+
+    #[test]
+    fn staged_files_are_taken_by_their_batch_and_the_rest_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mail");
+        let mut md = Maildir::open(&root).unwrap();
+        let msgs: Vec<Vec<u8>> = (0..40)
+            .map(|i| format!("Subject: {i}\n\n{}", "x".repeat(i * 100)).into_bytes())
+            .collect();
+        let hashes: Vec<BlobHash> = msgs.iter().map(|m| BlobHash::of(m)).collect();
+        // The stager races the batch writer over the first 30 messages (batch 0); the
+        // batch needs only the first 20 of them.
+        let stager = md.stager();
+        let ahead = std::thread::scope(|s| {
+            let staging = s.spawn(|| {
+                for (m, h) in msgs.iter().zip(&hashes).take(30) {
+                    stager.stage(0, h, m);
+                }
+            });
+            let batch: Vec<NewMessage<'_>> = msgs
+                .iter()
+                .zip(&hashes)
+                .take(20)
+                .map(|(m, h)| NewMessage {
+                    hash: *h,
+                    bytes: m,
+                    name: format!("new/{h}"),
+                })
+                .collect();
+            let n = md.write_batch(&batch).unwrap();
+            staging.join().unwrap();
+            n
+        });
+        assert_eq!(ahead, 20);
+        // Staged but not taken: removed when the batch ends.
+        md.end_batch(hashes[..30].iter());
+        assert_eq!(tmp_files(&root), 0);
+        for (m, h) in msgs.iter().zip(&hashes).take(20) {
+            assert_eq!(&std::fs::read(root.join(format!("new/{h}"))).unwrap(), m);
+        }
+        // A message of a batch that is done is not staged; one of a later batch is, and
+        // its batch takes the file as it is (one pushed message: fsynced by itself).
+        stager.stage(0, &hashes[30], &msgs[30]);
+        assert_eq!(tmp_files(&root), 0);
+        stager.stage(1, &hashes[31], &msgs[31]);
+        stager.stage(1, &hashes[32], &msgs[32]);
+        assert_eq!(tmp_files(&root), 2);
+        let one = [NewMessage {
+            hash: hashes[31],
+            bytes: &msgs[31],
+            name: format!("cur/{}:2,S", hashes[31]),
+        }];
+        assert_eq!(md.write_batch(&one).unwrap(), 1);
+        assert_eq!(tmp_files(&root), 1);
+        // A stream that ended inside a batch: what is left is removed.
+        md.discard_staged();
+        assert_eq!(tmp_files(&root), 0);
+        assert_eq!(md.count().unwrap(), 21);
+    }
 
     #[test]
     fn batch_is_idempotent_and_leaves_no_tmp() {

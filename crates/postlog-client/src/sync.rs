@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use postlog_proto::tags::TagState;
 use postlog_proto::{BlobHash, ErrorCode, LogEntry, LogOffset, Record};
 use tokio::sync::mpsc;
@@ -31,8 +32,11 @@ const TAG_CONCURRENCY: usize = 64;
 /// How often `watch` looks for flag changes made by mail readers.
 pub const LOCAL_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A batch is flushed when it holds this many bytes of mail...
-const BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// A batch is flushed when it holds this many bytes of mail (its files are written by the
+/// stager as they arrive; what waits for the last batch at the end of a sync is its barrier,
+/// so smaller batches shorten that tail: 16 MiB measured ~0.09 s against 0.1–0.3 s for
+/// 64 MiB, in a 10,000-message full sync)...
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// ...or this many messages.
 const BATCH_MESSAGES: usize = 4096;
 
@@ -284,7 +288,7 @@ async fn push_tag_changes(
 /// Records of one batch (with the bytes of inline Store records) and the cursor the batch
 /// completes.
 struct Batch {
-    entries: Vec<(LogEntry, Option<Vec<u8>>)>,
+    entries: Vec<(LogEntry, Option<Bytes>)>,
     bytes: usize,
     cursor: LogOffset,
 }
@@ -302,37 +306,77 @@ impl Batch {
     }
 }
 
-/// The writer task: new message count and final durable cursor.
-type Writer = tokio::task::JoinHandle<Result<(u64, LogOffset), SyncError>>;
+/// The writer: new message count and final durable cursor.
+type WriterTask = tokio::task::JoinHandle<Result<(u64, LogOffset), SyncError>>;
 
-/// Applies batches on a blocking thread: Maildir first, then the cursor.
-fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> (mpsc::Sender<Batch>, Writer) {
-    let (tx, mut rx) = mpsc::channel::<Batch>(2);
-    let handle = tokio::task::spawn_blocking(move || {
+/// A message to write into `tmp/` ahead of its batch: (batch number, hash, bytes).
+type StageItem = (u64, BlobHash, Bytes);
+
+/// The two ways into the writer: whole batches (at most 2 waiting, so the network runs at
+/// most that far ahead of the disk) and, ahead of them, each message as it arrives.
+struct Writer {
+    batches: mpsc::Sender<Batch>,
+    stage: std::sync::mpsc::Sender<StageItem>,
+    task: WriterTask,
+}
+
+/// Applies batches on a blocking thread: Maildir first, then the cursor. A second thread
+/// (the stager) writes each message's `tmp/` file as soon as it arrives, so that the
+/// file writes overlap the network and a batch that is complete only needs its barrier,
+/// renames and state commit.
+fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> Writer {
+    let (batches, mut rx) = mpsc::channel::<Batch>(2);
+    let (stage, stage_rx) = std::sync::mpsc::channel::<StageItem>();
+    let task = tokio::task::spawn_blocking(move || {
         let mut maildir = Maildir::open(&profile.maildir)?;
-        let mut state = State::open(&profile.dir)?;
-        let mut cursor = profile.cursor()?;
-        let mut added = 0u64;
-        while let Some(batch) = rx.blocking_recv() {
-            let n = write_batch(
-                &profile,
-                &mut maildir,
-                &mut state,
-                &batch,
-                cursor,
-                &progress,
-            )?;
-            added += n;
-            if batch.cursor > cursor {
-                profile.set_cursor(batch.cursor)?;
-                cursor = batch.cursor;
+        let stager = maildir.stager();
+        let stager = std::thread::Builder::new()
+            .name("postlog-stager".into())
+            .spawn(move || {
+                for (batch, hash, bytes) in stage_rx {
+                    stager.stage(batch, &hash, &bytes);
+                }
+            })
+            .map_err(|e| ClientError::Protocol(format!("stager thread: {e}")))?;
+        let result = (|| {
+            let mut state = State::open(&profile.dir)?;
+            let mut cursor = profile.cursor()?;
+            let mut added = 0u64;
+            while let Some(batch) = rx.blocking_recv() {
+                let n = write_batch(
+                    &profile,
+                    &mut maildir,
+                    &mut state,
+                    &batch,
+                    cursor,
+                    &progress,
+                );
+                maildir.end_batch(batch.entries.iter().filter_map(|(e, b)| match e.record {
+                    Record::Store { ref hash, .. } if b.is_some() => Some(hash),
+                    _ => None,
+                }));
+                let n = n?;
+                added += n;
+                if batch.cursor > cursor {
+                    profile.set_cursor(batch.cursor)?;
+                    cursor = batch.cursor;
+                }
+                progress.messages.fetch_add(n, Ordering::Relaxed);
             }
-            progress.messages.fetch_add(n, Ordering::Relaxed);
-        }
-        state.remember_maildir(&profile.maildir)?;
-        Ok((added, cursor))
+            state.remember_maildir(&profile.maildir)?;
+            Ok((added, cursor))
+        })();
+        // The stream stops at a closed batch channel; its end closes the stage channel.
+        drop(rx);
+        let _ = stager.join();
+        maildir.discard_staged();
+        result
     });
-    (tx, handle)
+    Writer {
+        batches,
+        stage,
+        task,
+    }
 }
 
 /// Finds local edits (Maildir flags; with a notmuch profile, under the database's write
@@ -430,7 +474,7 @@ fn apply_batch(
         match &entry.record {
             Record::Store { tags, .. } => {
                 if let Some(b) = blob {
-                    blobs.insert(*hash, b);
+                    blobs.insert(*hash, b.as_ref());
                 }
                 st.apply_store(entry.offset, tags);
             }
@@ -533,12 +577,13 @@ fn apply_batch(
 async fn stream_into(
     conn: &Connection,
     from: LogOffset,
-    tx: &mpsc::Sender<Batch>,
+    writer: &Writer,
     progress: &Progress,
     watch: bool,
 ) -> Result<u64, SyncError> {
     let mut log = conn.log(from, true).await?;
     let mut batch = Batch::new(from);
+    let mut batches = 0u64;
     let mut records = 0u64;
     let mut live = false;
     loop {
@@ -547,11 +592,16 @@ async fn stream_into(
             LogItem::Entry(entry, blob) => {
                 records += 1;
                 progress.received.store(entry.offset + 1, Ordering::Relaxed);
+                let blob = blob.map(Bytes::from);
                 if let Some(bytes) = &blob {
                     progress
                         .bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     batch.bytes += bytes.len();
+                    if let Record::Store { hash, .. } = &entry.record {
+                        // A stopped stager is no error: the batch writes the file.
+                        let _ = writer.stage.send((batches, *hash, bytes.clone()));
+                    }
                 }
                 batch.cursor = entry.offset + 1;
                 batch.entries.push((entry, blob));
@@ -565,7 +615,8 @@ async fn stream_into(
         if batch.full() || live {
             let cursor = batch.cursor;
             let done = std::mem::replace(&mut batch, Batch::new(cursor));
-            if tx.send(done).await.is_err() {
+            batches += 1;
+            if writer.batches.send(done).await.is_err() {
                 // The writer stopped: its error is reported by the caller.
                 return Ok(records);
             }
@@ -576,13 +627,14 @@ async fn stream_into(
     }
 }
 
-async fn finish_writer(
-    tx: mpsc::Sender<Batch>,
-    writer: Writer,
-) -> Result<(u64, LogOffset), SyncError> {
-    drop(tx);
-    writer
-        .await
+async fn finish_writer(writer: Writer) -> Result<(u64, LogOffset), SyncError> {
+    let Writer {
+        batches,
+        stage,
+        task,
+    } = writer;
+    drop((batches, stage));
+    task.await
         .map_err(|e| SyncError::Client(ClientError::Protocol(format!("writer task: {e}"))))?
 }
 
@@ -616,9 +668,15 @@ pub async fn sync_once(
             ..Default::default()
         });
     }
-    let (tx, writer) = spawn_writer(profile.clone(), progress.clone());
-    let streamed = stream_into(&conn, cursor, &tx, &progress, false).await;
-    let written = finish_writer(tx, writer).await;
+    let writer = spawn_writer(profile.clone(), progress.clone());
+    let streamed = stream_into(&conn, cursor, &writer, &progress, false).await;
+    let stream_end = started.elapsed();
+    let written = finish_writer(writer).await;
+    tracing::debug!(
+        "sync: stream ended at {:.3} s, durable at {:.3} s",
+        stream_end.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     conn.close();
     let records = streamed?;
     let (new_messages, cursor) = written?;
@@ -666,7 +724,7 @@ pub async fn watch(
                 conn.head_at_auth
             ));
             connected.store(true, Ordering::Relaxed);
-            let (tx, writer) = spawn_writer(profile.clone(), progress.clone());
+            let writer = spawn_writer(profile.clone(), progress.clone());
             let local = async {
                 loop {
                     push_local_changes(profile, &conn, &progress).await?;
@@ -674,10 +732,10 @@ pub async fn watch(
                 }
             };
             let streamed = tokio::select! {
-                r = stream_into(&conn, cursor, &tx, &progress, true) => r,
+                r = stream_into(&conn, cursor, &writer, &progress, true) => r,
                 r = local => r,
             };
-            let written = finish_writer(tx, writer).await;
+            let written = finish_writer(writer).await;
             written?;
             streamed.map(|_| ())
         };
