@@ -166,6 +166,12 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Closing does not copy the WAL into the database (SQLite's default, a few ms at the
+        // end of every sync); the WAL is checkpointed as it grows, by later commits.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )?;
         conn.execute_batch(SCHEMA)?;
         // Added after the first release of the schema.
         if conn.prepare("SELECT acked FROM pending LIMIT 0").is_err() {
@@ -530,7 +536,13 @@ impl State {
     /// Records the Maildir's current modification stamp (after this client's own renames),
     /// so that the next scan is skipped unless a mail reader changed something.
     pub fn remember_maildir(&self, maildir: &Path) -> Result<()> {
-        State::remember_maildir_in(&self.conn, maildir)
+        let stamp = dir_stamp(maildir)?;
+        // Usually the last batch's transaction recorded this very stamp: then no write
+        // (and no fsync) at all.
+        if self.meta("maildir_stamp")?.as_deref() != Some(stamp.as_str()) {
+            State::set_meta_in(&self.conn, "maildir_stamp", &stamp)?;
+        }
+        Ok(())
     }
 
     /// [`State::remember_maildir`] within a transaction.
