@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use postlog_proto::BlobHash;
@@ -52,11 +51,17 @@ pub struct Maildir {
 /// batch writer) and its [`Stager`].
 #[derive(Default)]
 struct Staging {
-    files: Mutex<HashMap<BlobHash, Stage>>,
+    files: Mutex<Staged>,
     /// Signalled whenever a file leaves [`Stage::Writing`].
     written: Condvar,
-    /// Batches completed so far: the stager skips messages of earlier batches.
-    batches_done: AtomicU64,
+}
+
+#[derive(Default)]
+struct Staged {
+    by_hash: HashMap<BlobHash, Stage>,
+    /// Batches the writer has begun: the stager creates no file for them any more, so that
+    /// every file of a batch is either taken by it or removed when it ends.
+    batches_begun: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,7 +76,7 @@ enum Stage {
 }
 
 impl Staging {
-    fn files(&self) -> MutexGuard<'_, HashMap<BlobHash, Stage>> {
+    fn files(&self) -> MutexGuard<'_, Staged> {
         // The map stays consistent whatever a panicking holder did: every update is one
         // insert or remove.
         self.files.lock().unwrap_or_else(PoisonError::into_inner)
@@ -88,27 +93,25 @@ pub struct Stager {
 
 impl Stager {
     /// Writes the message's `tmp/` file unless it is there or being written already, or
-    /// its batch (`batch`, counted from 0 since the Maildir was opened) is done.
+    /// the writer has begun its batch (`batch`, counted from 0 since the Maildir was
+    /// opened).
     pub fn stage(&self, batch: u64, hash: &BlobHash, bytes: &[u8]) {
-        if batch < self.staging.batches_done.load(Ordering::Acquire) {
-            return;
-        }
         {
             let mut files = self.staging.files();
-            if files.contains_key(hash) {
+            if batch < files.batches_begun || files.by_hash.contains_key(hash) {
                 return;
             }
-            files.insert(*hash, Stage::Writing);
+            files.by_hash.insert(*hash, Stage::Writing);
         }
         let path = tmp_path(&self.tmp, hash);
         let written = write_file(&path, bytes, false).is_ok();
         {
             let mut files = self.staging.files();
             if written {
-                files.insert(*hash, Stage::Written);
+                files.by_hash.insert(*hash, Stage::Written);
             } else {
                 let _ = std::fs::remove_file(&path);
-                files.remove(hash);
+                files.by_hash.remove(hash);
             }
         }
         self.staging.written.notify_all();
@@ -158,7 +161,7 @@ impl Maildir {
     fn claim(&self, hash: &BlobHash) -> bool {
         let mut files = self.staging.files();
         loop {
-            match files.get(hash) {
+            match files.by_hash.get(hash) {
                 Some(Stage::Writing) => {
                     files = self
                         .staging
@@ -167,37 +170,56 @@ impl Maildir {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
                 Some(Stage::Written) => {
-                    files.insert(*hash, Stage::Claimed);
+                    files.by_hash.insert(*hash, Stage::Claimed);
                     return true;
                 }
                 Some(Stage::Claimed) => return false,
                 None => {
-                    files.insert(*hash, Stage::Claimed);
+                    files.by_hash.insert(*hash, Stage::Claimed);
                     return false;
                 }
             }
         }
     }
 
-    /// Ends a batch: removes the staged files of `hashes` the batch did not take (already
-    /// held, or duplicates) and lets the stager skip what is left of this batch.
+    /// Begins the next batch (call before its [`Maildir::write_batch`]): from now on the
+    /// stager creates no file for it; the messages it has not staged yet, the batch writes.
+    pub fn begin_batch(&self) {
+        self.staging.files().batches_begun += 1;
+    }
+
+    /// Ends a batch: removes the staged files of `hashes` (the batch's messages) that the
+    /// batch did not take (already held, or duplicates), waiting for any still being
+    /// written, so that none is left behind.
     pub fn end_batch<'h>(&self, hashes: impl Iterator<Item = &'h BlobHash>) {
         let tmp = self.root.join("tmp");
         let mut files = self.staging.files();
         for h in hashes {
-            if files.get(h) == Some(&Stage::Written) {
-                let _ = std::fs::remove_file(tmp_path(&tmp, h));
-                files.remove(h);
+            loop {
+                match files.by_hash.get(h) {
+                    Some(Stage::Writing) => {
+                        files = self
+                            .staging
+                            .written
+                            .wait(files)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
+                    Some(Stage::Written) => {
+                        let _ = std::fs::remove_file(tmp_path(&tmp, h));
+                        files.by_hash.remove(h);
+                        break;
+                    }
+                    _ => break,
+                }
             }
         }
-        self.staging.batches_done.fetch_add(1, Ordering::Release);
     }
 
     /// Removes every staged file left (a stream that ended inside a batch). Call once the
     /// stager has stopped.
     pub fn discard_staged(&self) {
         let tmp = self.root.join("tmp");
-        for (h, _) in self.staging.files().drain() {
+        for (h, _) in self.staging.files().by_hash.drain() {
             let _ = std::fs::remove_file(tmp_path(&tmp, &h));
         }
     }
@@ -206,7 +228,7 @@ impl Maildir {
     fn release(&self, hashes: &[BlobHash]) {
         let mut files = self.staging.files();
         for h in hashes {
-            files.remove(h);
+            files.by_hash.remove(h);
         }
     }
 
@@ -383,15 +405,20 @@ mod tests {
             .map(|i| format!("Subject: {i}\n\n{}", "x".repeat(i * 100)).into_bytes())
             .collect();
         let hashes: Vec<BlobHash> = msgs.iter().map(|m| BlobHash::of(m)).collect();
-        // The stager races the batch writer over the first 30 messages (batch 0); the
-        // batch needs only the first 20 of them.
+        // The stager has written the first 10 messages of batch 0 and races the batch
+        // writer over the next 20; the batch needs only the first 20 of the 30.
         let stager = md.stager();
+        for (m, h) in msgs.iter().zip(&hashes).take(10) {
+            stager.stage(0, h, m);
+        }
+        assert_eq!(tmp_files(&root), 10);
         let ahead = std::thread::scope(|s| {
             let staging = s.spawn(|| {
-                for (m, h) in msgs.iter().zip(&hashes).take(30) {
+                for (m, h) in msgs.iter().zip(&hashes).take(30).skip(10) {
                     stager.stage(0, h, m);
                 }
             });
+            md.begin_batch();
             let batch: Vec<NewMessage<'_>> = msgs
                 .iter()
                 .zip(&hashes)
@@ -413,13 +440,14 @@ mod tests {
         for (m, h) in msgs.iter().zip(&hashes).take(20) {
             assert_eq!(&std::fs::read(root.join(format!("new/{h}"))).unwrap(), m);
         }
-        // A message of a batch that is done is not staged; one of a later batch is, and
+        // A message of a batch already begun is not staged; one of a later batch is, and
         // its batch takes the file as it is (one pushed message: fsynced by itself).
         stager.stage(0, &hashes[30], &msgs[30]);
         assert_eq!(tmp_files(&root), 0);
         stager.stage(1, &hashes[31], &msgs[31]);
         stager.stage(1, &hashes[32], &msgs[32]);
         assert_eq!(tmp_files(&root), 2);
+        md.begin_batch();
         let one = [NewMessage {
             hash: hashes[31],
             bytes: &msgs[31],

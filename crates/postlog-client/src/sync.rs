@@ -343,6 +343,7 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> Writer {
             let mut cursor = profile.cursor()?;
             let mut added = 0u64;
             while let Some(batch) = rx.blocking_recv() {
+                maildir.begin_batch();
                 let n = write_batch(
                     &profile,
                     &mut maildir,
