@@ -81,6 +81,15 @@ impl Staging {
         // insert or remove.
         self.files.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The map, once the stager is not writing `hash` (waits while it is).
+    fn settled(&self, hash: &BlobHash) -> MutexGuard<'_, Staged> {
+        self.written
+            .wait_while(self.files(), |f| {
+                f.by_hash.get(hash) == Some(&Stage::Writing)
+            })
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Writes message files into a Maildir's `tmp/` ahead of their batch, from another
@@ -159,27 +168,10 @@ impl Maildir {
     /// wrote it completely (waiting while it is being written), `false` if the caller must
     /// write it. Either way the stager leaves it alone until [`Maildir::release`].
     fn claim(&self, hash: &BlobHash) -> bool {
-        let mut files = self.staging.files();
-        loop {
-            match files.by_hash.get(hash) {
-                Some(Stage::Writing) => {
-                    files = self
-                        .staging
-                        .written
-                        .wait(files)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
-                Some(Stage::Written) => {
-                    files.by_hash.insert(*hash, Stage::Claimed);
-                    return true;
-                }
-                Some(Stage::Claimed) => return false,
-                None => {
-                    files.by_hash.insert(*hash, Stage::Claimed);
-                    return false;
-                }
-            }
-        }
+        let mut files = self.staging.settled(hash);
+        let staged = files.by_hash.get(hash) == Some(&Stage::Written);
+        files.by_hash.insert(*hash, Stage::Claimed);
+        staged
     }
 
     /// Begins the next batch (call before its [`Maildir::write_batch`]): from now on the
@@ -193,24 +185,11 @@ impl Maildir {
     /// written, so that none is left behind.
     pub fn end_batch<'h>(&self, hashes: impl Iterator<Item = &'h BlobHash>) {
         let tmp = self.root.join("tmp");
-        let mut files = self.staging.files();
         for h in hashes {
-            loop {
-                match files.by_hash.get(h) {
-                    Some(Stage::Writing) => {
-                        files = self
-                            .staging
-                            .written
-                            .wait(files)
-                            .unwrap_or_else(PoisonError::into_inner);
-                    }
-                    Some(Stage::Written) => {
-                        let _ = std::fs::remove_file(tmp_path(&tmp, h));
-                        files.by_hash.remove(h);
-                        break;
-                    }
-                    _ => break,
-                }
+            let mut files = self.staging.settled(h);
+            if files.by_hash.get(h) == Some(&Stage::Written) {
+                let _ = std::fs::remove_file(tmp_path(&tmp, h));
+                files.by_hash.remove(h);
             }
         }
     }
