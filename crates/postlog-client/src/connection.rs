@@ -131,14 +131,11 @@ impl Endpoint {
         transport.keep_alive_interval(Some(postlog_net::KEEP_ALIVE));
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        postlog_net::tune_endpoint(&mut endpoint_config);
         let ep = postlog_net::bind_udp(bind)
             .and_then(|sock| {
-                quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    sock,
-                    Arc::new(quinn::TokioRuntime),
-                )
+                quinn::Endpoint::new(endpoint_config, None, sock, Arc::new(quinn::TokioRuntime))
             })
             .map_err(|e| ClientError::Tls(format!("binding a UDP socket: {e}")))?;
         let connect_timeout = std::env::var("POSTLOG_CONNECT_TIMEOUT")

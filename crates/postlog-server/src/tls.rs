@@ -96,6 +96,7 @@ pub fn endpoint_config(data: &Path) -> Result<quinn::EndpointConfig, TlsError> {
     cfg.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    postlog_net::tune_endpoint(&mut cfg);
     Ok(cfg)
 }
 
