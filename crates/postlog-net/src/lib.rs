@@ -84,8 +84,22 @@ pub fn transport_config() -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
+    // Ask the peer (ACK-frequency extension; ignored by peers without it) to acknowledge
+    // within MAX_ACK_DELAY instead of QUIC's default 25 ms.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.max_ack_delay(Some(MAX_ACK_DELAY));
+    t.ack_frequency_config(Some(ack));
     t
 }
+
+/// The longest the peer may hold back an acknowledgement (it acknowledges every second
+/// packet at once anyway). Why not QUIC's default 25 ms: early in a connection the
+/// congestion window is ~14.7 KB, only two or three 6,000-byte packets, and a flight that
+/// ends on an odd packet waits the whole delay for its ACK before the next flight. Measured
+/// on loopback, 100 new messages (~5 MB): the stream ended at 52 ms p50 with 25 ms, 35 ms
+/// with 2 ms (20 runs interleaved). Only the ends of flights are affected, so a bulk
+/// transfer sends no more ACKs.
+pub const MAX_ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Endpoint settings both sides use: accept datagrams up to [`MAX_UDP_PAYLOAD`] (quinn's
 /// default, 1,472, is announced to the peer and stops its path MTU discovery there).
