@@ -14,6 +14,11 @@ use crate::server::Shared;
 const LOG_BATCH: usize = 512;
 /// Most bytes of inline messages read per step of a Log stream.
 const LOG_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+/// Bytes of inline messages the first step of a Log stream reads; each later step may read
+/// twice as much as the one before, up to [`LOG_BATCH_BYTES`]. A step is read (and every
+/// message verified) before its first byte is sent, so a small first step starts the
+/// stream sooner: 100 new messages (~5 MB) used to wait for all of them.
+const LOG_FIRST_STEP_BYTES: u64 = 256 * 1024;
 
 /// Log entries, each with its message's verified bytes for an inline Log.
 type LogStep = Vec<(postlog_proto::LogEntry, Option<Vec<u8>>)>;
@@ -24,19 +29,20 @@ fn spawn_read(
     conn: &Arc<Conn>,
     from: LogOffset,
     inline: bool,
+    max_bytes: u64,
 ) -> tokio::task::JoinHandle<std::result::Result<(LogStep, bool), StoreError>> {
     let c = conn.clone();
     tokio::task::spawn_blocking(move || {
         let store = &c.shared.store;
         let entries = store.read_log(c.account, from, LOG_BATCH)?;
         let mut more = entries.len() == LOG_BATCH;
-        // The entries this step sends (up to LOG_BATCH_BYTES of messages), and their
+        // The entries this step sends (up to `max_bytes` of messages), and their
         // messages, read in one call (concurrently, where the backend can).
         let mut take = entries.len();
         let mut bytes = 0u64;
         let mut wanted = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
-            if bytes >= LOG_BATCH_BYTES {
+            if bytes >= max_bytes {
                 more = true;
                 take = i;
                 break;
@@ -462,15 +468,17 @@ async fn log(conn: &Arc<Conn>, send: &mut SendStream, mut from: LogOffset, inlin
     loop {
         let head = *heads.borrow_and_update();
         // Each step reads up to LOG_BATCH records and, for an inline Log, their messages
-        // (up to LOG_BATCH_BYTES) in one blocking call; the next step is read while this
-        // one is written to the stream.
-        let mut next = (from < head).then(|| spawn_read(conn, from, inline));
+        // (from LOG_FIRST_STEP_BYTES doubling up to LOG_BATCH_BYTES) in one blocking call;
+        // the next step is read while this one is written to the stream.
+        let mut step_bytes = LOG_FIRST_STEP_BYTES;
+        let mut next = (from < head).then(|| spawn_read(conn, from, inline, step_bytes));
         while let Some(step) = next.take() {
             let (items, more) = step.await??;
             let after = items.last().map(|(e, _)| e.offset + 1).unwrap_or(from);
             let resume = if more { after } else { after.max(head) };
             if resume < head {
-                next = Some(spawn_read(conn, resume, inline));
+                step_bytes = (step_bytes * 2).min(LOG_BATCH_BYTES);
+                next = Some(spawn_read(conn, resume, inline, step_bytes));
             }
             for (entry, blob) in items {
                 // Handed to quinn as owned buffers: the message is not copied again.
