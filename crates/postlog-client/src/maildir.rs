@@ -5,6 +5,8 @@
 //! made durable with one filesystem barrier (`syncfs`; a batch of a few files, such as one
 //! pushed message, fsyncs each file instead), renamed into place, and then the two
 //! directories are fsynced. A crash leaves at most `tmp/postlog.*` files, removed on open.
+//! The first half ([`Maildir::prepare`]) needs no names, so the sync engine runs it beside
+//! the batch's state work; [`Maildir::place`] then renames.
 //!
 //! A [`Stager`] may write a message's `tmp/` file on another thread as soon as the message
 //! arrives, before its batch is complete; the batch then finds the file written and only
@@ -40,6 +42,13 @@ pub struct NewMessage<'a> {
     pub hash: BlobHash,
     pub bytes: &'a [u8],
     pub name: String,
+}
+
+/// A batch's `tmp/` files, complete and durable, claimed from the stager until
+/// [`Maildir::place`] renames them (or [`Maildir::discard`] removes them).
+#[must_use]
+pub struct Prepared {
+    hashes: Vec<BlobHash>,
 }
 
 pub struct Maildir {
@@ -139,9 +148,9 @@ impl Maildir {
             }
         }
         if created {
-            fsync_dir(root)?;
+            fsync_path(root)?;
             if let Some(parent) = root.parent() {
-                fsync_dir(parent)?;
+                fsync_path(parent)?;
             }
         }
         let tmp = root.join("tmp");
@@ -242,59 +251,116 @@ impl Maildir {
 
     /// Writes a batch durably; a message whose file already exists at its name is skipped
     /// (so a batch replayed after a crash adds nothing twice). Returns how many files were
-    /// added.
-    pub fn write_batch(&mut self, batch: &[NewMessage<'_>]) -> Result<usize> {
-        let tmp = self.root.join("tmp");
-        let mut staged = Vec::new();
-        let mut seen_in_batch = HashSet::new();
-        let todo: Vec<&NewMessage<'_>> = batch
-            .iter()
-            .filter(|m| seen_in_batch.insert(m.hash) && !self.exists(&m.name))
-            .collect();
-        // A few files (a pushed message in --watch) are cheaper to fsync one by one than to
-        // flush the whole filesystem, which may hold other programs' dirty data; a large
-        // batch gets one barrier for all its files instead of one fsync per file.
-        let per_file = todo.len() <= PER_FILE_FSYNC_MAX;
-        let mut claimed = Vec::with_capacity(todo.len());
-        let written = todo.into_iter().try_for_each(|m| {
-            let t = tmp_path(&tmp, &m.hash);
-            claimed.push(m.hash);
-            if self.claim(&m.hash) {
-                if per_file {
-                    std::fs::File::open(&t)
-                        .and_then(|f| f.sync_all())
-                        .map_err(err(&t))?;
-                }
-            } else {
-                write_file(&t, m.bytes, per_file)?;
-            }
-            staged.push((t, self.root.join(&m.name)));
-            Ok(())
-        });
-        let done = written.and_then(|()| self.place(&tmp, &staged, per_file));
-        // Only now: a claim released before the rename would let the stager rewrite
-        // (truncate) a file being renamed into place.
-        self.release(&claimed);
-        done?;
-        Ok(staged.len())
+    /// added. [`Maildir::prepare`] and [`Maildir::place`] in one call.
+    pub fn write_batch(&self, batch: &[NewMessage<'_>]) -> Result<usize> {
+        let todo = batch.iter().filter(|m| !self.exists(&m.name));
+        let prepared = self.prepare(todo.map(|m| (&m.hash, m.bytes)))?;
+        self.place(batch, prepared)
     }
 
-    /// Makes a batch's `tmp/` files durable and renames them into place, durably.
-    fn place(&self, tmp: &Path, staged: &[(PathBuf, PathBuf)], per_file: bool) -> Result<()> {
-        if staged.is_empty() {
-            return Ok(());
+    /// Makes the `tmp/` file of every message of a batch durable before the batch knows
+    /// the messages' names, so that it can run beside the batch's state work: takes the
+    /// file the stager wrote (waiting while it writes) or writes it, then one barrier for
+    /// all of them (a few files: an fsync each, cheaper than flushing the whole filesystem,
+    /// which may hold other programs' dirty data). The files stay claimed from the stager
+    /// until [`Maildir::place`] or [`Maildir::discard`]; on error none stays claimed.
+    pub fn prepare<'m>(
+        &self,
+        messages: impl IntoIterator<Item = (&'m BlobHash, &'m [u8])>,
+    ) -> Result<Prepared> {
+        let tmp = self.root.join("tmp");
+        let mut seen = HashSet::new();
+        let todo: Vec<_> = messages
+            .into_iter()
+            .filter(|(h, _)| seen.insert(**h))
+            .collect();
+        let per_file = todo.len() <= PER_FILE_FSYNC_MAX;
+        let mut prepared = Prepared {
+            hashes: Vec::with_capacity(todo.len()),
+        };
+        let written = todo.into_iter().try_for_each(|(hash, bytes)| {
+            let t = tmp_path(&tmp, hash);
+            prepared.hashes.push(*hash);
+            if self.claim(hash) {
+                if per_file {
+                    fsync_path(&t)?;
+                }
+            } else {
+                write_file(&t, bytes, per_file)?;
+            }
+            Ok(())
+        });
+        let durable = written.and_then(|()| match per_file || prepared.hashes.is_empty() {
+            true => Ok(()),
+            false => {
+                let dir = std::fs::File::open(&tmp).map_err(err(&tmp))?;
+                rustix::fs::syncfs(&dir).map_err(|e| MaildirError {
+                    path: tmp.clone(),
+                    source: e.into(),
+                })
+            }
+        });
+        match durable {
+            Ok(()) => Ok(prepared),
+            Err(e) => {
+                self.discard(prepared);
+                Err(e)
+            }
         }
-        if !per_file {
-            let dir = std::fs::File::open(tmp).map_err(err(tmp))?;
-            rustix::fs::syncfs(&dir).map_err(|e| MaildirError {
-                path: tmp.to_owned(),
-                source: e.into(),
-            })?;
+    }
+
+    /// Renames a batch's prepared files into place and fsyncs the directories; a message
+    /// whose file already exists at its name is skipped. Prepared files the batch does not
+    /// place (already held, duplicates, deleted again in the same batch) are removed.
+    /// Returns how many files were added.
+    pub fn place(&self, batch: &[NewMessage<'_>], prepared: Prepared) -> Result<usize> {
+        let tmp = self.root.join("tmp");
+        let mut ready: HashSet<BlobHash> = prepared.hashes.iter().copied().collect();
+        let mut seen = HashSet::new();
+        let mut claimed_here = Vec::new();
+        let mut placed = 0;
+        let mut rename_all = || {
+            for m in batch {
+                if !seen.insert(m.hash) || self.exists(&m.name) {
+                    continue;
+                }
+                let t = tmp_path(&tmp, &m.hash);
+                if !ready.remove(&m.hash) {
+                    // Not prepared (the sync engine prepares every message it places):
+                    // made durable here, on its own.
+                    claimed_here.push(m.hash);
+                    match self.claim(&m.hash) {
+                        true => fsync_path(&t)?,
+                        false => write_file(&t, m.bytes, true)?,
+                    }
+                }
+                let dest = self.root.join(&m.name);
+                std::fs::rename(&t, &dest).map_err(err(&dest))?;
+                placed += 1;
+            }
+            match placed {
+                0 => Ok(()),
+                _ => self.sync_dirs(),
+            }
+        };
+        let done = rename_all();
+        for h in &ready {
+            let _ = std::fs::remove_file(tmp_path(&tmp, h));
         }
-        for (t, dest) in staged {
-            std::fs::rename(t, dest).map_err(err(dest))?;
+        // Only now: a claim released before the rename would let the stager rewrite
+        // (truncate) a file being renamed into place.
+        self.release(&prepared.hashes);
+        self.release(&claimed_here);
+        done.map(|()| placed)
+    }
+
+    /// Gives up a prepared batch (its state work failed): removes its files.
+    pub fn discard(&self, prepared: Prepared) {
+        let tmp = self.root.join("tmp");
+        for h in &prepared.hashes {
+            let _ = std::fs::remove_file(tmp_path(&tmp, h));
         }
-        self.sync_dirs()
+        self.release(&prepared.hashes);
     }
 
     /// Renames a message file (e.g. to new flags). `Ok(false)` if `from` is gone (a mail
@@ -331,8 +397,8 @@ impl Maildir {
 
     /// Makes renames and new files in `cur/` and `new/` durable.
     pub fn sync_dirs(&self) -> Result<()> {
-        fsync_dir(&self.root.join("new"))?;
-        fsync_dir(&self.root.join("cur"))
+        fsync_path(&self.root.join("new"))?;
+        fsync_path(&self.root.join("cur"))
     }
 }
 
@@ -361,7 +427,8 @@ pub fn hash_of_name(name: &str) -> Option<BlobHash> {
     name.get(..64)?.parse().ok()
 }
 
-fn fsync_dir(d: &Path) -> Result<()> {
+/// fsync of a file or directory by path.
+fn fsync_path(d: &Path) -> Result<()> {
     std::fs::File::open(d)
         .and_then(|f| f.sync_all())
         .map_err(err(d))
@@ -379,7 +446,7 @@ mod tests {
     fn staged_files_are_taken_by_their_batch_and_the_rest_removed() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("mail");
-        let mut md = Maildir::open(&root).unwrap();
+        let md = Maildir::open(&root).unwrap();
         let msgs: Vec<Vec<u8>> = (0..40)
             .map(|i| format!("Subject: {i}\n\n{}", "x".repeat(i * 100)).into_bytes())
             .collect();
@@ -441,10 +508,44 @@ mod tests {
     }
 
     #[test]
+    fn prepared_files_not_placed_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mail");
+        let md = Maildir::open(&root).unwrap();
+        let msgs: Vec<Vec<u8>> = (0..6)
+            .map(|i| format!("Subject: {i}\n\nbody").into_bytes())
+            .collect();
+        let hashes: Vec<BlobHash> = msgs.iter().map(|m| BlobHash::of(m)).collect();
+        let carried = || hashes.iter().zip(msgs.iter().map(|m| m.as_slice()));
+        // Six files: one syncfs barrier. Two turn out not to be needed (deleted again in
+        // the same batch, or held already): removed, not left in tmp/.
+        let prepared = md.prepare(carried()).unwrap();
+        assert_eq!(tmp_files(&root), 6);
+        let place: Vec<NewMessage<'_>> = (0..4)
+            .map(|i| NewMessage {
+                hash: hashes[i],
+                bytes: &msgs[i],
+                name: format!("new/{}", hashes[i]),
+            })
+            .collect();
+        assert_eq!(md.place(&place, prepared).unwrap(), 4);
+        assert_eq!(tmp_files(&root), 0);
+        // A batch whose state work failed leaves nothing either, and releases its claims:
+        // the stager may write those messages again for a later batch.
+        let prepared = md.prepare(carried()).unwrap();
+        assert_eq!(tmp_files(&root), 6);
+        md.discard(prepared);
+        assert_eq!(tmp_files(&root), 0);
+        md.stager().stage(0, &hashes[5], &msgs[5]);
+        assert_eq!(tmp_files(&root), 1);
+        assert_eq!(md.count().unwrap(), 4);
+    }
+
+    #[test]
     fn batch_is_idempotent_and_leaves_no_tmp() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("mail");
-        let mut md = Maildir::open(&root).unwrap();
+        let md = Maildir::open(&root).unwrap();
         let a = b"Subject: a\n\nx".to_vec();
         let b = b"Subject: b\n\ny".to_vec();
         let (ha, hb) = (BlobHash::of(&a), BlobHash::of(&b));

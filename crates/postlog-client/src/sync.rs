@@ -328,7 +328,7 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> Writer {
     let (batches, mut rx) = mpsc::channel::<Batch>(2);
     let (stage, stage_rx) = std::sync::mpsc::channel::<StageItem>();
     let task = tokio::task::spawn_blocking(move || {
-        let mut maildir = Maildir::open(&profile.maildir)?;
+        let maildir = Maildir::open(&profile.maildir)?;
         let stager = maildir.stager();
         let stager = std::thread::Builder::new()
             .name("postlog-stager".into())
@@ -344,14 +344,7 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> Writer {
             let mut added = 0u64;
             while let Some(batch) = rx.blocking_recv() {
                 maildir.begin_batch();
-                let n = write_batch(
-                    &profile,
-                    &mut maildir,
-                    &mut state,
-                    &batch,
-                    cursor,
-                    &progress,
-                );
+                let n = write_batch(&profile, &maildir, &mut state, &batch, cursor, &progress);
                 maildir.end_batch(batch.entries.iter().filter_map(|(e, b)| match e.record {
                     Record::Store { ref hash, .. } if b.is_some() => Some(hash),
                     _ => None,
@@ -385,7 +378,7 @@ fn spawn_writer(profile: Profile, progress: Arc<Progress>) -> Writer {
 /// there and commits notmuch before the state.
 fn write_batch(
     profile: &Profile,
-    maildir: &mut Maildir,
+    maildir: &Maildir,
     state: &mut State,
     batch: &Batch,
     cursor: LogOffset,
@@ -426,17 +419,88 @@ type AfterFiles<'a> =
 /// renames of existing files whose flags changed. The files are durable before the state
 /// transaction commits, and the caller saves the cursor only after both (see `state`).
 /// This replica's own operations (`device`) leave the queue as their records are applied.
+///
+/// The `tmp/` files of the batch's messages are made durable on a second thread while this
+/// one works out the state (which decides the files' names): on loopback, 100 new messages
+/// spend ~6 ms in each.
 fn apply_batch(
-    maildir: &mut Maildir,
+    maildir: &Maildir,
     state: &mut State,
     batch: &Batch,
     device: u64,
     after_files: &mut AfterFiles<'_>,
 ) -> Result<u64, SyncError> {
+    let carried: Vec<(&BlobHash, &[u8])> = batch
+        .entries
+        .iter()
+        .filter_map(|(e, b)| match (&e.record, b) {
+            (Record::Store { hash, .. }, Some(b)) => Some((hash, b.as_ref())),
+            _ => None,
+        })
+        .collect();
     let tx = state
         .conn()
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(StateError::from)?;
+    let (planned, prepared) = match carried.is_empty() {
+        // Tags only: no thread.
+        true => (
+            plan_batch(maildir, &tx, batch, device),
+            maildir.prepare(carried),
+        ),
+        false => std::thread::scope(|s| {
+            let preparing = s.spawn(|| maildir.prepare(carried));
+            let planned = plan_batch(maildir, &tx, batch, device);
+            let prepared = preparing.join().unwrap_or_else(|_| {
+                Err(MaildirError {
+                    path: maildir.root().join("tmp"),
+                    source: std::io::Error::other("the thread writing tmp/ files panicked"),
+                })
+            });
+            (planned, prepared)
+        }),
+    };
+    let prepared = prepared?;
+    let Planned {
+        new_files,
+        renamed,
+        events,
+    } = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            maildir.discard(prepared);
+            return Err(e);
+        }
+    };
+    if renamed && let Err(e) = maildir.sync_dirs() {
+        maildir.discard(prepared);
+        return Err(e.into());
+    }
+    let added = maildir.place(&new_files, prepared)? as u64;
+    // This batch's own files and renames are no reason for the next scan to list them.
+    State::remember_maildir_in(&tx, maildir.root())?;
+    after_files(&tx, &events)?;
+    tx.commit().map_err(StateError::from)?;
+    Ok(added)
+}
+
+/// What a batch does to the Maildir, worked out in its state transaction.
+struct Planned<'b> {
+    /// Messages to place, with their names.
+    new_files: Vec<NewMessage<'b>>,
+    /// Existing files were renamed or removed (their directories need an fsync).
+    renamed: bool,
+    events: Vec<Touched>,
+}
+
+/// The state half of [`apply_batch`]: applies the records to the tag CRDT, removes deleted
+/// messages' files and renames files whose flags changed; names the new files.
+fn plan_batch<'b>(
+    maildir: &Maildir,
+    tx: &rusqlite::Transaction<'_>,
+    batch: &'b Batch,
+    device: u64,
+) -> Result<Planned<'b>, SyncError> {
     let mut touched: BTreeMap<BlobHash, TagState> = BTreeMap::new();
     let mut blobs: HashMap<BlobHash, &[u8]> = HashMap::new();
     // Deleted messages and the file each had.
@@ -447,9 +511,9 @@ fn apply_batch(
                 for o in offsets {
                     // Scrubbed Store record: the message is deleted. Tags records (a
                     // compaction) need nothing: their snapshot came first.
-                    if let Some(h) = State::scrub_ref(&tx, *o)? {
-                        removed.push((h, State::name_of(&tx, &h)?));
-                        State::forget_message(&tx, &h)?;
+                    if let Some(h) = State::scrub_ref(tx, *o)? {
+                        removed.push((h, State::name_of(tx, &h)?));
+                        State::forget_message(tx, &h)?;
                         touched.remove(&h);
                         blobs.remove(&h);
                     }
@@ -463,14 +527,14 @@ fn apply_batch(
             | Record::TagSnapshot { hash, .. } => hash,
         };
         State::record_ref(
-            &tx,
+            tx,
             entry.offset,
             hash,
             matches!(entry.record, Record::Store { .. }),
         )?;
         let st = match touched.entry(*hash) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::btree_map::Entry::Vacant(v) => v.insert(State::tags_of(&tx, hash)?),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(State::tags_of(tx, hash)?),
         };
         match &entry.record {
             Record::Store { tags, .. } => {
@@ -489,16 +553,16 @@ fn apply_batch(
             } => {
                 st.apply_op(entry.offset, add, remove, *seen, *by);
                 if *by == device {
-                    State::forget_op(&tx, *seq)?;
+                    State::forget_op(tx, *seq)?;
                 }
             }
             Record::TagSnapshot { tags, .. } => st.apply_snapshot(tags),
             _ => {}
         }
     }
-    State::forget_applied(&tx, batch.cursor)?;
+    State::forget_applied(tx, batch.cursor)?;
     // Local operations whose records are still to come, shown over the CRDT.
-    let overlay = State::overlay(&tx, batch.cursor)?;
+    let overlay = State::overlay(tx, batch.cursor)?;
     let mut new_files = Vec::new();
     let mut renamed = false;
     let mut events = Vec::with_capacity(touched.len() + removed.len());
@@ -521,7 +585,7 @@ fn apply_batch(
     }
     for (hash, st) in &touched {
         let tags = view(st.tags(), overlay.get(hash));
-        let recorded = State::name_of(&tx, hash)?;
+        let recorded = State::name_of(tx, hash)?;
         // A file gone from its recorded name was renamed by a mail reader during this
         // batch: the next scan turns that into an operation; renaming it now could undo it.
         let current = recorded.filter(|n| maildir.exists(n));
@@ -538,7 +602,7 @@ fn apply_batch(
                 let want = desired_name(hash, &tags, Some(&current));
                 if want != current && maildir.rename(&current, &want)? {
                     renamed = true;
-                    State::set_name(&tx, hash, &want)?;
+                    State::set_name(tx, hash, &want)?;
                     event.name = Some(want);
                     event.renamed_from = Some(current);
                 } else {
@@ -548,7 +612,7 @@ fn apply_batch(
             None => {
                 if let Some(bytes) = blobs.get(hash) {
                     let name = desired_name(hash, &tags, None);
-                    State::set_name(&tx, hash, &name)?;
+                    State::set_name(tx, hash, &name)?;
                     new_files.push(NewMessage {
                         hash: *hash,
                         bytes,
@@ -559,19 +623,15 @@ fn apply_batch(
                 }
             }
         }
-        State::put_tags(&tx, hash, st)?;
+        State::put_tags(tx, hash, st)?;
         event.tags = tags;
         events.push(event);
     }
-    if renamed {
-        maildir.sync_dirs()?;
-    }
-    let added = maildir.write_batch(&new_files)? as u64;
-    // This batch's own files and renames are no reason for the next scan to list them.
-    State::remember_maildir_in(&tx, maildir.root())?;
-    after_files(&tx, &events)?;
-    tx.commit().map_err(StateError::from)?;
-    Ok(added)
+    Ok(Planned {
+        new_files,
+        renamed,
+        events,
+    })
 }
 
 /// Reads log items into batches until `Live` (oneshot) or forever (`watch`).
