@@ -148,6 +148,9 @@ pub struct State {
     conn: Connection,
 }
 
+/// How long [`State::open`] retries while another connection sets the database up.
+const OPEN_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn join(v: &[String]) -> String {
     v.join("\n")
 }
@@ -162,7 +165,25 @@ fn split(s: &str) -> Vec<String> {
 
 impl State {
     pub fn open(profile_dir: &Path) -> Result<State> {
-        let conn = Connection::open(profile_dir.join("state.db"))?;
+        // Setting up a fresh database (WAL mode, schema) needs an exclusive lock that
+        // SQLite does not wait for when two connections race for it (it answers "database
+        // is locked" at once rather than risk a deadlock): retry for a while.
+        let started = std::time::Instant::now();
+        loop {
+            match State::open_once(profile_dir) {
+                Err(StateError::Db(rusqlite::Error::SqliteFailure(e, _)))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && started.elapsed() < OPEN_BUSY_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_once(profile_dir: &Path) -> Result<State> {
+        let mut conn = Connection::open(profile_dir.join("state.db"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -170,9 +191,16 @@ impl State {
         // a WAL left behind is read back by every later open, and the no-change sync,
         // which opens this database, measured ~1.5 ms slower with one.
         conn.execute_batch(SCHEMA)?;
-        // Added after the first release of the schema.
-        if conn.prepare("SELECT acked FROM pending LIMIT 0").is_err() {
-            conn.execute_batch("ALTER TABLE pending ADD COLUMN acked INTEGER")?;
+        // Added after the first release of the schema. Checked again under the write lock:
+        // two processes (or a watcher's writer and its local-change pass) may open a fresh
+        // profile at once, and the second ALTER would fail ("duplicate column name").
+        const HAS_ACKED: &str = "SELECT acked FROM pending LIMIT 0";
+        if conn.prepare(HAS_ACKED).is_err() {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if tx.prepare(HAS_ACKED).is_err() {
+                tx.execute_batch("ALTER TABLE pending ADD COLUMN acked INTEGER")?;
+            }
+            tx.commit()?;
         }
         Ok(State { conn })
     }
@@ -568,6 +596,29 @@ fn dir_stamp(maildir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (CI, session 6): `sync --watch` on a fresh profile opened the state from
+    /// two threads at once and one failed with "duplicate column name: acked".
+    #[test]
+    fn first_opens_at_once_both_succeed() {
+        for _ in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                let opens: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            State::open(dir.path()).map(|_| ())
+                        })
+                    })
+                    .collect();
+                for o in opens {
+                    o.join().unwrap().unwrap();
+                }
+            });
+        }
+    }
 
     fn t(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
