@@ -38,14 +38,18 @@ async fn sigkill_during_stores_loses_nothing_acknowledged() {
     // than the kill intervals below, and no Store would ever be acknowledged. Flush first.
     let _ = std::process::Command::new("sync").status();
     let mut server = common::ServerProcess::spawn(&data, addr);
-    // Wait until the first server serves, so the kills hit servers, not a loading binary.
-    common::connect_retry(&Endpoint::new(&fingerprint).unwrap(), &login)
-        .await
-        .close();
-
     let attempted = Arc::new(AtomicU64::new(0));
     let acked: Arc<Mutex<HashMap<BlobHash, u64>>> = Arc::default();
     let sent: Arc<Mutex<HashSet<BlobHash>>> = Arc::default();
+    // Wait until the first server serves and has committed one Store, so the kills hit
+    // servers, not a loading binary, and the first commit's syncfs has written out what
+    // `sync` above may have left (once, it took longer than every kill interval below).
+    let first = common::connect_retry(&Endpoint::new(&fingerprint).unwrap(), &login).await;
+    let msg = common::message(usize::MAX, 300);
+    sent.lock().unwrap().insert(BlobHash::of(&msg));
+    let (hash, offset, _) = first.store(&msg, &["inbox".into()]).await.unwrap();
+    acked.lock().unwrap().insert(hash, offset);
+    first.close();
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..WORKERS {
