@@ -56,10 +56,14 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 -- Which message each applied record (Store, Tags, TagSnapshot) referred to, so that a
 -- Scrub, which carries only offsets, can be applied. store = 1 for a Store record.
+-- A message's rows are removed by the Scrub that deletes it (it lists every live record of
+-- the message); rows a Scrub never lists (a Tags record of a message deleted since) only
+-- ever answer 'not a Store'. No index by hash: it was one more random-key B-tree written
+-- for every message (profiles made before have one, `refs_by_hash`: dropped on open).
 CREATE TABLE IF NOT EXISTS refs (
     offset INTEGER PRIMARY KEY, hash BLOB NOT NULL, store INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS refs_by_hash ON refs (hash);
+DROP INDEX IF EXISTS refs_by_hash;
 -- Messages this replica asked to delete, until the server has answered.
 CREATE TABLE IF NOT EXISTS pending_deletes (hash BLOB PRIMARY KEY) WITHOUT ROWID;
 ";
@@ -149,6 +153,10 @@ pub struct State {
 }
 
 /// How long [`State::open`] retries while another connection sets the database up.
+/// SQLite's page cache per connection, in KiB (allocated as pages are read).
+const CACHE_KIB: i64 = 64 * 1024;
+/// Pages in the WAL that trigger a checkpoint (64 MiB at the 4 KiB page size).
+const WAL_CHECKPOINT_PAGES: i64 = 16 * 1024;
 const OPEN_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn join(v: &[String]) -> String {
@@ -187,6 +195,15 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Each new message adds a row to two B-trees keyed by its BLAKE3 hash (`messages`,
+        // `dots`): random keys, so once they outgrow SQLite's page cache (2 MiB by
+        // default) every insert re-reads a leaf, and each batch's commit writes about one
+        // leaf per tree per message to the WAL, which the default checkpoint (every 1,000
+        // pages, ~4 MB) then writes again. The cache holds a 100,000-message state (~20 MB)
+        // and the WAL is checkpointed every `WAL_CHECKPOINT_PAGES`, so a leaf dirtied by
+        // many batches reaches the database file once per checkpoint.
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
         // SQLite's checkpoint-on-close stays on (a few ms at the end of a sync that wrote):
         // a WAL left behind is read back by every later open, and the no-change sync,
         // which opens this database, measured ~1.5 ms slower with one.
@@ -433,13 +450,12 @@ impl State {
         Ok(h.and_then(|h| <[u8; 32]>::try_from(h).ok().map(BlobHash)))
     }
 
-    /// Forgets every local trace of a deleted message: its name, tag state, record
-    /// references, queued tag changes and queued delete.
+    /// Forgets every local trace of a deleted message: its name, tag state, queued tag
+    /// changes and queued delete. (Its `refs` rows go with the Scrub that deletes it.)
     pub fn forget_message(conn: &Connection, hash: &BlobHash) -> Result<()> {
         let h = hash.0.as_slice();
         conn.execute("DELETE FROM messages WHERE hash = ?1", [h])?;
         conn.execute("DELETE FROM dots WHERE hash = ?1", [h])?;
-        conn.execute("DELETE FROM refs WHERE hash = ?1", [h])?;
         conn.execute("DELETE FROM pending WHERE hash = ?1", [h])?;
         conn.execute("DELETE FROM pending_deletes WHERE hash = ?1", [h])?;
         Ok(())
@@ -618,6 +634,35 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// A profile made before `refs_by_hash` was dropped loses the index on open and keeps
+    /// its rows: a scrubbed Store offset still names its message.
+    #[test]
+    fn old_refs_index_is_dropped_and_refs_still_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = BlobHash([7; 32]);
+        {
+            let mut st = State::open(dir.path()).unwrap();
+            let c = st.conn();
+            c.execute_batch("CREATE INDEX refs_by_hash ON refs (hash)")
+                .unwrap();
+            State::record_ref(c, 5, &h, true).unwrap();
+            State::record_ref(c, 6, &h, false).unwrap();
+        }
+        let mut st = State::open(dir.path()).unwrap();
+        let c = st.conn();
+        let indexes: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'refs_by_hash'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 0);
+        assert_eq!(State::scrub_ref(c, 6).unwrap(), None);
+        assert_eq!(State::scrub_ref(c, 5).unwrap(), Some(h));
+        assert_eq!(State::scrub_ref(c, 5).unwrap(), None);
     }
 
     fn t(v: &[&str]) -> Vec<String> {
