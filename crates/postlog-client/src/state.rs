@@ -27,6 +27,8 @@ use crate::maildir::hash_of_name;
 pub enum StateError {
     #[error("local state database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("local state database: {0}")]
+    Corrupt(&'static str),
     #[error("Maildir {path}: {source}")]
     Io {
         path: PathBuf,
@@ -44,10 +46,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS messages (hash BLOB PRIMARY KEY, name TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dots (
-    hash BLOB NOT NULL, tag TEXT NOT NULL, offset INTEGER NOT NULL, device INTEGER NOT NULL,
-    PRIMARY KEY (hash, tag, offset, device)
+-- One row per message this replica knows: its Maildir file name (NULL while it has no
+-- file) and its tag CRDT state (`encode_dots`). One B-tree keyed by hash, the only one:
+-- random keys cost a leaf write per message and batch (profiles made before kept the dots
+-- in a table of their own, `dots`: merged on open, `migrate_dots`).
+CREATE TABLE IF NOT EXISTS messages (
+    hash BLOB PRIMARY KEY, name TEXT, dots BLOB NOT NULL DEFAULT x''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
     seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, add_tags TEXT NOT NULL,
@@ -195,13 +199,13 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // Each new message adds a row to two B-trees keyed by its BLAKE3 hash (`messages`,
-        // `dots`): random keys, so once they outgrow SQLite's page cache (2 MiB by
-        // default) every insert re-reads a leaf, and each batch's commit writes about one
-        // leaf per tree per message to the WAL, which the default checkpoint (every 1,000
-        // pages, ~4 MB) then writes again. The cache holds a 100,000-message state (~20 MB)
-        // and the WAL is checkpointed every `WAL_CHECKPOINT_PAGES`, so a leaf dirtied by
-        // many batches reaches the database file once per checkpoint.
+        // Each new message adds a row to `messages`, keyed by its BLAKE3 hash: random
+        // keys, so once the tree outgrows SQLite's page cache (2 MiB by default) every
+        // insert re-reads a leaf, and each batch's commit writes about one leaf per message
+        // to the WAL, which the default checkpoint (every 1,000 pages, ~4 MB) then writes
+        // again. The cache holds a 100,000-message state and the WAL is checkpointed every
+        // `WAL_CHECKPOINT_PAGES`, so a leaf dirtied by many batches reaches the database
+        // file once per checkpoint.
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
         conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
         // SQLite's checkpoint-on-close stays on (a few ms at the end of a sync that wrote):
@@ -219,6 +223,14 @@ impl State {
             }
             tx.commit()?;
         }
+        const HAS_DOTS: &str = "SELECT dots FROM messages LIMIT 0";
+        if conn.prepare(HAS_DOTS).is_err() {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if tx.prepare(HAS_DOTS).is_err() {
+                migrate_dots(&tx)?;
+            }
+            tx.commit()?;
+        }
         Ok(State { conn })
     }
 
@@ -228,42 +240,29 @@ impl State {
 
     /// A message's tag state.
     pub fn tags_of(conn: &Connection, hash: &BlobHash) -> Result<TagState> {
-        let mut stmt =
-            conn.prepare_cached("SELECT tag, offset, device FROM dots WHERE hash = ?1")?;
-        let rows = stmt.query_map([hash.0.as_slice()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Dot {
-                    offset: r.get::<_, i64>(1)? as u64,
-                    device: r.get::<_, i64>(2)? as u64,
-                },
-            ))
-        })?;
-        Ok(TagState::from_dots(rows.collect::<Result<Vec<_>, _>>()?))
+        let dots: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT dots FROM messages WHERE hash = ?1")?
+            .query_row([hash.0.as_slice()], |r| r.get(0))
+            .optional()?;
+        decode_dots(dots.as_deref().unwrap_or_default())
     }
 
     pub fn put_tags(conn: &Connection, hash: &BlobHash, state: &TagState) -> Result<()> {
-        conn.prepare_cached("DELETE FROM dots WHERE hash = ?1")?
-            .execute([hash.0.as_slice()])?;
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO dots (hash, tag, offset, device) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for (tag, dot) in state.dots() {
-            stmt.execute(params![
-                hash.0.as_slice(),
-                tag,
-                dot.offset as i64,
-                dot.device as i64
-            ])?;
-        }
+        conn.prepare_cached(
+            "INSERT INTO messages (hash, dots) VALUES (?1, ?2)
+             ON CONFLICT(hash) DO UPDATE SET dots = excluded.dots",
+        )?
+        .execute(params![hash.0.as_slice(), encode_dots(state)])?;
         Ok(())
     }
 
+    /// The file name recorded for a message (`None` if it has no file here).
     pub fn name_of(conn: &Connection, hash: &BlobHash) -> Result<Option<String>> {
         Ok(conn
             .prepare_cached("SELECT name FROM messages WHERE hash = ?1")?
-            .query_row([hash.0.as_slice()], |r| r.get(0))
-            .optional()?)
+            .query_row([hash.0.as_slice()], |r| r.get::<_, Option<String>>(0))
+            .optional()?
+            .flatten())
     }
 
     pub fn set_name(conn: &Connection, hash: &BlobHash, name: &str) -> Result<()> {
@@ -275,11 +274,13 @@ impl State {
         Ok(())
     }
 
+    /// Messages with a file here.
     pub fn count_messages(&self) -> Result<u64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))?
-            as u64)
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM messages WHERE name IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// Queues a local tag change durably and returns its sequence number.
@@ -434,20 +435,10 @@ impl State {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let h = match r {
-            Some((h, true)) => Some(h),
-            Some((_, false)) => None,
-            // Applied before this replica kept `refs`: a Store record's initial tags are
-            // the dots of device 0 at its offset.
-            None => conn
-                .query_row(
-                    "SELECT hash FROM dots WHERE offset = ?1 AND device = 0 LIMIT 1",
-                    [offset as i64],
-                    |r| r.get::<_, Vec<u8>>(0),
-                )
-                .optional()?,
-        };
-        Ok(h.and_then(|h| <[u8; 32]>::try_from(h).ok().map(BlobHash)))
+        Ok(match r {
+            Some((h, true)) => <[u8; 32]>::try_from(h).ok().map(BlobHash),
+            _ => None,
+        })
     }
 
     /// Forgets every local trace of a deleted message: its name, tag state, queued tag
@@ -455,7 +446,6 @@ impl State {
     pub fn forget_message(conn: &Connection, hash: &BlobHash) -> Result<()> {
         let h = hash.0.as_slice();
         conn.execute("DELETE FROM messages WHERE hash = ?1", [h])?;
-        conn.execute("DELETE FROM dots WHERE hash = ?1", [h])?;
         conn.execute("DELETE FROM pending WHERE hash = ?1", [h])?;
         conn.execute("DELETE FROM pending_deletes WHERE hash = ?1", [h])?;
         Ok(())
@@ -494,7 +484,7 @@ impl State {
 
     /// Every message's recorded file name.
     pub fn names(conn: &Connection) -> Result<Vec<(BlobHash, String)>> {
-        let mut stmt = conn.prepare("SELECT hash, name FROM messages")?;
+        let mut stmt = conn.prepare("SELECT hash, name FROM messages WHERE name IS NOT NULL")?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
         })?;
@@ -592,6 +582,107 @@ impl State {
     }
 }
 
+/// A tag state as stored in `messages.dots`: per dot, the tag's length (u16 LE), the tag
+/// (UTF-8), the dot's offset and device (u64 LE each). Empty for no tags.
+fn encode_dots(state: &TagState) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (tag, dot) in state.dots() {
+        // Tags are far shorter (the protocol's limit is `MAX_TAG_LEN`, 256 bytes); a
+        // longer one would be cut (at a character) rather than stored unreadable.
+        let t = &tag.as_bytes()[..tag.floor_char_boundary(u16::MAX as usize)];
+        out.extend_from_slice(&(t.len() as u16).to_le_bytes());
+        out.extend_from_slice(t);
+        out.extend_from_slice(&dot.offset.to_le_bytes());
+        out.extend_from_slice(&dot.device.to_le_bytes());
+    }
+    out
+}
+
+fn decode_dots(mut b: &[u8]) -> Result<TagState> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+        if b.len() < n {
+            return Err(StateError::Corrupt("a message's tag state is cut short"));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn u64_of(b: &mut &[u8]) -> Result<u64> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(take(b, 8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    let mut dots = Vec::new();
+    while !b.is_empty() {
+        let mut n = [0u8; 2];
+        n.copy_from_slice(take(&mut b, 2)?);
+        let tag = std::str::from_utf8(take(&mut b, u16::from_le_bytes(n) as usize)?)
+            .map_err(|_| StateError::Corrupt("a tag in the tag state is not UTF-8"))?
+            .to_owned();
+        let offset = u64_of(&mut b)?;
+        let device = u64_of(&mut b)?;
+        dots.push((tag, Dot { offset, device }));
+    }
+    Ok(TagState::from_dots(dots))
+}
+
+/// Moves a profile from the first schema (a `messages` table of names only and a `dots`
+/// table with one row per dot) to the current one, in the caller's transaction. The Store
+/// records such a profile applied before it kept `refs` are recognised the way it did:
+/// by their initial tags' dots (device 0 at the record's offset).
+fn migrate_dots(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE messages_v2 (
+             hash BLOB PRIMARY KEY, name TEXT, dots BLOB NOT NULL DEFAULT x''
+         ) WITHOUT ROWID;
+         INSERT INTO messages_v2 (hash, name) SELECT hash, name FROM messages;
+         INSERT OR IGNORE INTO refs (offset, hash, store)
+             SELECT offset, hash, 1 FROM dots WHERE device = 0;",
+    )?;
+    {
+        let mut read = tx.prepare("SELECT hash, tag, offset, device FROM dots ORDER BY hash")?;
+        let mut rows = read.query([])?;
+        let put = |hash: &[u8], dots: Vec<(String, Dot)>| -> Result<()> {
+            tx.prepare_cached(
+                "INSERT INTO messages_v2 (hash, dots) VALUES (?1, ?2)
+                 ON CONFLICT(hash) DO UPDATE SET dots = excluded.dots",
+            )?
+            .execute(params![hash, encode_dots(&TagState::from_dots(dots))])?;
+            Ok(())
+        };
+        // The message being gathered: its hash and dots (rows come sorted by hash).
+        type Gathered = (Vec<u8>, Vec<(String, Dot)>);
+        let mut current: Option<Gathered> = None;
+        while let Some(r) = rows.next()? {
+            let hash: Vec<u8> = r.get(0)?;
+            let dot = (
+                r.get::<_, String>(1)?,
+                Dot {
+                    offset: r.get::<_, i64>(2)? as u64,
+                    device: r.get::<_, i64>(3)? as u64,
+                },
+            );
+            match &mut current {
+                Some((h, dots)) if *h == hash => dots.push(dot),
+                _ => {
+                    if let Some((h, dots)) = current.replace((hash, vec![dot])) {
+                        put(&h, dots)?;
+                    }
+                }
+            }
+        }
+        if let Some((h, dots)) = current {
+            put(&h, dots)?;
+        }
+    }
+    tx.execute_batch(
+        "DROP TABLE dots;
+         DROP TABLE messages;
+         ALTER TABLE messages_v2 RENAME TO messages;",
+    )?;
+    Ok(())
+}
+
 /// The modification times of `cur/` and `new/`, which change whenever a file is added,
 /// renamed or removed in them.
 fn dir_stamp(maildir: &Path) -> Result<String> {
@@ -663,6 +754,118 @@ mod tests {
         assert_eq!(State::scrub_ref(c, 6).unwrap(), None);
         assert_eq!(State::scrub_ref(c, 5).unwrap(), Some(h));
         assert_eq!(State::scrub_ref(c, 5).unwrap(), None);
+    }
+
+    /// A profile of the first schema (names in `messages`, one `dots` row per dot, Store
+    /// records known only by their device-0 dots) opens with the same names, tags and
+    /// deletable Store offsets.
+    #[test]
+    fn first_schema_profile_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (BlobHash([1; 32]), BlobHash([2; 32]), BlobHash([3; 32]));
+        {
+            let db = Connection::open(dir.path().join("state.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE messages (hash BLOB PRIMARY KEY, name TEXT NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE dots (
+                     hash BLOB NOT NULL, tag TEXT NOT NULL, offset INTEGER NOT NULL,
+                     device INTEGER NOT NULL, PRIMARY KEY (hash, tag, offset, device)
+                 ) WITHOUT ROWID;
+                 CREATE TABLE pending (
+                     seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, add_tags TEXT NOT NULL,
+                     remove_tags TEXT NOT NULL, seen INTEGER NOT NULL
+                 );",
+            )
+            .unwrap();
+            for (h, name) in [(&a, "cur/a:2,S"), (&b, "new/b")] {
+                db.execute(
+                    "INSERT INTO messages VALUES (?1, ?2)",
+                    params![h.0.as_slice(), name],
+                )
+                .unwrap();
+            }
+            // a: Store at 0 (inbox), then "seen" by device 7 at 4. b: Store at 1 without
+            // tags. c: tags only (no file here).
+            for (h, tag, offset, device) in [
+                (&a, "inbox", 0, 0),
+                (&a, "seen", 4, 7),
+                (&c, "todo", 2, 0),
+                (&c, "todo", 3, 9),
+            ] {
+                db.execute(
+                    "INSERT INTO dots VALUES (?1, ?2, ?3, ?4)",
+                    params![h.0.as_slice(), tag, offset, device],
+                )
+                .unwrap();
+            }
+        }
+        let mut st = State::open(dir.path()).unwrap();
+        assert_eq!(st.count_messages().unwrap(), 2);
+        let c_ = st.conn();
+        assert_eq!(
+            State::name_of(c_, &a).unwrap().as_deref(),
+            Some("cur/a:2,S")
+        );
+        assert_eq!(State::name_of(c_, &c).unwrap(), None);
+        assert_eq!(
+            State::tags_of(c_, &a).unwrap().tags(),
+            t(&["inbox", "seen"])
+        );
+        assert_eq!(State::tags_of(c_, &b).unwrap().tags(), Vec::<String>::new());
+        let mut dots_c: Vec<_> = State::tags_of(c_, &c)
+            .unwrap()
+            .dots()
+            .map(|(_, d)| d)
+            .collect();
+        dots_c.sort();
+        assert_eq!(
+            dots_c,
+            [
+                Dot {
+                    offset: 2,
+                    device: 0
+                },
+                Dot {
+                    offset: 3,
+                    device: 9
+                }
+            ]
+        );
+        assert_eq!(State::scrub_ref(c_, 0).unwrap(), Some(a));
+        assert_eq!(State::scrub_ref(c_, 4).unwrap(), None);
+        let names: Vec<_> = State::names(c_)
+            .unwrap()
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
+        assert_eq!(names, [a, b]);
+        State::forget_message(c_, &a).unwrap();
+        assert_eq!(State::tags_of(c_, &a).unwrap().tags(), Vec::<String>::new());
+        drop(st);
+        // Opening again finds nothing to migrate.
+        let mut st = State::open(dir.path()).unwrap();
+        assert_eq!(
+            State::name_of(st.conn(), &b).unwrap().as_deref(),
+            Some("new/b")
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dots_round_trip(dots in proptest::collection::vec(
+            ("\\PC{0,20}", 0u64..u64::MAX, 0u64..u64::MAX), 0..12)
+        ) {
+            let state = TagState::from_dots(
+                dots.into_iter().map(|(t, offset, device)| (t, Dot { offset, device })),
+            );
+            let back = decode_dots(&encode_dots(&state)).unwrap();
+            proptest::prop_assert_eq!(back.snapshot(), state.snapshot());
+        }
+
+        #[test]
+        fn garbage_dots_are_an_error_not_a_panic(b in proptest::collection::vec(0u8.., 0..64)) {
+            let _ = decode_dots(&b);
+        }
     }
 
     fn t(v: &[&str]) -> Vec<String> {
