@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use postlog_net::{FrameError, PinnedServer, read_frame};
+use postlog_net::{FrameError, read_frame};
 use postlog_proto::limits::MAX_MESSAGE_SIZE;
 use postlog_proto::{BlobHash, ErrorCode, LogEntry, LogOffset, Record, Request, Response};
 use quinn::{RecvStream, SendStream};
@@ -115,21 +115,8 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 impl Endpoint {
     pub fn new(fingerprint: &str) -> Result<Endpoint> {
-        let provider = postlog_net::crypto_provider();
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedServer::new(fingerprint, provider)))
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![postlog_proto::ALPN.to_vec()];
-        tls.enable_early_data = true;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = postlog_net::transport_config();
-        transport.keep_alive_interval(Some(postlog_net::KEEP_ALIVE));
-        config.transport_config(Arc::new(transport));
+        let config =
+            postlog_net::client_config(fingerprint).map_err(|e| ClientError::Tls(e.to_string()))?;
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut endpoint_config = quinn::EndpointConfig::default();
         postlog_net::tune_endpoint(&mut endpoint_config);

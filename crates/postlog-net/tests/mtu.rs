@@ -3,11 +3,12 @@
 //! Regression: a packet size whose GSO batch is larger than one UDP datagram makes every
 //! full batch fail in the kernel; quinn counts those packets as lost (35% of a full sync at
 //! 8,952 bytes, no handshake at all at 16,384). This test moves a sync-sized stream and
-//! checks that discovery reached [`MAX_UDP_PAYLOAD`] and that almost nothing was lost.
+//! checks that discovery reached [`MAX_UDP_PAYLOAD`] and that almost nothing was lost. The
+//! server and client configurations are the ones `postlog serve` and the client use.
 
 use std::sync::Arc;
 
-use postlog_net::{MAX_UDP_PAYLOAD, PinnedServer, SERVER_NAME, crypto_provider, fingerprint};
+use postlog_net::{MAX_UDP_PAYLOAD, SERVER_NAME, fingerprint};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Bytes the server sends: enough for discovery to finish and for lost batches to show.
@@ -28,17 +29,7 @@ async fn discovery_reaches_the_ceiling_without_losing_batches() {
     let pin = fingerprint(&cert);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
 
-    let provider = crypto_provider();
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls 1.3")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .expect("server cert");
-    tls.alpn_protocols = vec![b"mtu-test".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic tls");
-    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server_config.transport_config(Arc::new(postlog_net::transport_config()));
+    let server_config = postlog_net::server_config(vec![cert], key).expect("server config");
     let server = endpoint(Some(server_config));
     let addr = server.local_addr().expect("server addr");
 
@@ -62,16 +53,7 @@ async fn discovery_reaches_the_ceiling_without_losing_batches() {
         path
     });
 
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer::new(&pin, provider)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"mtu-test".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-    client_config.transport_config(Arc::new(postlog_net::transport_config()));
+    let client_config = postlog_net::client_config(&pin).expect("client config");
     let client = endpoint(None);
     let conn = client
         .connect_with(client_config, addr, SERVER_NAME)

@@ -20,6 +20,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Config(#[from] postlog_net::ConfigError),
 }
 
 /// The certificate chain and key the server presents.
@@ -140,21 +142,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// The quinn server configuration: TLS 1.3 only, Postlog's ALPN, 0-RTT enabled.
 pub fn quinn_server_config(id: Identity) -> Result<quinn::ServerConfig, TlsError> {
-    let provider = postlog_net::crypto_provider();
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(id.chain, id.key)?;
-    tls.alpn_protocols = vec![postlog_proto::ALPN.to_vec()];
-    // 0-RTT on, deliberately: quinn requires exactly u32::MAX here to accept early data.
-    // Mutating requests still wait for the handshake (docs/PROTOCOL.md, 0-RTT profile).
-    tls.max_early_data_size = u32::MAX;
-    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(16_384);
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(postlog_net::transport_config()));
-    Ok(cfg)
+    Ok(postlog_net::server_config(id.chain, id.key)?)
 }
 
 /// The rustls configuration for SMTP STARTTLS: the same certificate, TLS 1.2 and 1.3
