@@ -156,11 +156,11 @@ pub struct State {
     conn: Connection,
 }
 
-/// How long [`State::open`] retries while another connection sets the database up.
 /// SQLite's page cache per connection, in KiB (allocated as pages are read).
 const CACHE_KIB: i64 = 64 * 1024;
 /// Pages in the WAL that trigger a checkpoint (64 MiB at the 4 KiB page size).
 const WAL_CHECKPOINT_PAGES: i64 = 16 * 1024;
+/// How long [`State::open`] retries while another connection sets the database up.
 const OPEN_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn join(v: &[String]) -> String {
