@@ -148,8 +148,10 @@ pub struct Touched {
 }
 
 /// Finds local tag changes: Maildir flags changed by mail readers, and (notmuch profiles)
-/// tags edited in notmuch. Blocking.
-fn find_local_changes(p: &Profile, progress: &Progress) -> Result<(), SyncError> {
+/// tags edited in notmuch. Blocking. Returns the open state, so that the caller reads the
+/// queues without opening the database again (each open and last close of `state.db`
+/// costs file opens, the schema check and a WAL checkpoint).
+fn find_local_changes(p: &Profile, progress: &Progress) -> Result<State, SyncError> {
     let mut state = State::open(&p.dir)?;
     let cursor = p.cursor()?;
     state.scan_maildir(&p.maildir, cursor.saturating_sub(1))?;
@@ -169,7 +171,7 @@ fn find_local_changes(p: &Profile, progress: &Progress) -> Result<(), SyncError>
         }
         tx.commit().map_err(StateError::from)?;
     }
-    Ok(())
+    Ok(state)
 }
 
 /// Sends the outbox (mail `postlog sendmail` queued while offline), then finds local tag
@@ -208,8 +210,7 @@ async fn push_tag_changes(
     let p = profile.clone();
     let prog = progress.clone();
     let (pending, deletes) = tokio::task::spawn_blocking(move || -> Result<_, SyncError> {
-        find_local_changes(&p, &prog)?;
-        let state = State::open(&p.dir)?;
+        let state = find_local_changes(&p, &prog)?;
         Ok((state.pending()?, state.pending_deletes()?))
     })
     .await
