@@ -148,7 +148,33 @@ impl Endpoint {
     /// Connects and authenticates. With a session ticket from an earlier connection of this
     /// endpoint, Auth is sent in 0-RTT.
     pub async fn connect(&self, login: &LoginUrl) -> Result<Connection> {
-        match tokio::time::timeout(self.connect_timeout, self.connect_inner(login)).await {
+        Ok(self.connect_inner(login, None).await?.0)
+    }
+
+    /// Connects and authenticates, sending a Log request from `from` (inline messages) in
+    /// the same flight as Auth: the server serves it as soon as Auth succeeds (PROTOCOL.md
+    /// §3), so the records start arriving with `AuthOk` instead of one round trip later. A
+    /// sync from a new process then costs 2 round trips plus transfer: the handshake, then
+    /// Auth and Log together.
+    pub async fn connect_with_log(
+        &self,
+        login: &LoginUrl,
+        from: LogOffset,
+    ) -> Result<(Connection, LogStream)> {
+        match self.connect_inner(login, Some(from)).await? {
+            (conn, Some(log)) => Ok((conn, log)),
+            (_, None) => Err(ClientError::Protocol(
+                "the Log stream was not opened".into(),
+            )),
+        }
+    }
+
+    async fn connect_inner(
+        &self,
+        login: &LoginUrl,
+        log_from: Option<LogOffset>,
+    ) -> Result<(Connection, Option<LogStream>)> {
+        match tokio::time::timeout(self.connect_timeout, self.open(login, log_from)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Unreachable {
                 server: login.server.clone(),
@@ -160,7 +186,11 @@ impl Endpoint {
         }
     }
 
-    async fn connect_inner(&self, login: &LoginUrl) -> Result<Connection> {
+    async fn open(
+        &self,
+        login: &LoginUrl,
+        log_from: Option<LogOffset>,
+    ) -> Result<(Connection, Option<LogStream>)> {
         let unreachable = |why: String| ClientError::Unreachable {
             server: login.server.clone(),
             why,
@@ -174,24 +204,26 @@ impl Endpoint {
             .ep
             .connect_with(self.config.clone(), addr, postlog_net::SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?;
-        match connecting.into_0rtt() {
-            Ok((conn, accepted)) => match authenticate(&conn, login).await {
-                Ok(head) => Ok(Connection {
+        let done = |conn, (head, log), zero_rtt| {
+            (
+                Connection {
                     conn,
                     head_at_auth: head,
-                    zero_rtt: true,
-                }),
+                    zero_rtt,
+                },
+                log,
+            )
+        };
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => match authenticate(&conn, login, log_from).await {
+                Ok(answer) => Ok(done(conn, answer, true)),
                 Err(e) => {
                     // Early data rejected (e.g. the server restarted): retry in 1-RTT.
                     if accepted.await {
                         return Err(e);
                     }
-                    let head = authenticate(&conn, login).await?;
-                    Ok(Connection {
-                        conn,
-                        head_at_auth: head,
-                        zero_rtt: false,
-                    })
+                    let answer = authenticate(&conn, login, log_from).await?;
+                    Ok(done(conn, answer, false))
                 }
             },
             Err(connecting) => {
@@ -199,18 +231,21 @@ impl Endpoint {
                     ClientError::Lost(why) => unreachable(why),
                     other => other,
                 })?;
-                let head = authenticate(&conn, login).await?;
-                Ok(Connection {
-                    conn,
-                    head_at_auth: head,
-                    zero_rtt: false,
-                })
+                let answer = authenticate(&conn, login, log_from).await?;
+                Ok(done(conn, answer, false))
             }
         }
     }
 }
 
-async fn authenticate(conn: &quinn::Connection, login: &LoginUrl) -> Result<LogOffset> {
+/// Sends Auth on the connection's first stream and, with `log_from`, a Log request on the
+/// next one before the answer to Auth is in; returns the Head from `AuthOk` and the Log
+/// stream.
+async fn authenticate(
+    conn: &quinn::Connection,
+    login: &LoginUrl,
+    log_from: Option<LogOffset>,
+) -> Result<(LogOffset, Option<LogStream>)> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let auth = Request::Auth {
         account: login.account.clone(),
@@ -219,12 +254,16 @@ async fn authenticate(conn: &quinn::Connection, login: &LoginUrl) -> Result<LogO
     };
     send.write_all(&auth.to_frame()).await?;
     let _ = send.finish();
+    let log = match log_from {
+        Some(from) => Some(start_log(conn, from, true).await?),
+        None => None,
+    };
     let frame = read_frame(&mut recv).await.map_err(|e| match e {
         FrameError::Read(quinn::ReadError::ConnectionLost(c)) => ClientError::from(c),
         e => e.into(),
     })?;
     match Response::decode(&frame).map_err(|e| ClientError::Protocol(e.to_string()))? {
-        Response::AuthOk { head } => Ok(head),
+        Response::AuthOk { head } => Ok((head, log)),
         Response::Error { message, .. } => Err(ClientError::Auth(message)),
         other => Err(ClientError::Protocol(format!(
             "unexpected reply to Auth: {other:?}"
@@ -378,12 +417,7 @@ impl Connection {
 
     /// Opens a Log stream from `from`. With `inline_blobs`, Store entries carry the message.
     pub async fn log(&self, from: LogOffset, inline_blobs: bool) -> Result<LogStream> {
-        let (send, recv) = self.request(&Request::Log { from, inline_blobs }).await?;
-        Ok(LogStream {
-            send,
-            recv,
-            inline: inline_blobs,
-        })
+        start_log(&self.conn, from, inline_blobs).await
     }
 
     pub fn close(&self) {
@@ -399,6 +433,17 @@ impl Connection {
     pub fn rtt(&self) -> std::time::Duration {
         self.conn.rtt()
     }
+}
+
+/// Opens a stream and sends a Log request on it.
+async fn start_log(conn: &quinn::Connection, from: LogOffset, inline: bool) -> Result<LogStream> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let req = Request::Log {
+        from,
+        inline_blobs: inline,
+    };
+    send.write_all(&req.to_frame()).await?;
+    Ok(LogStream { send, recv, inline })
 }
 
 /// Reads a message of `size` bytes that follows a frame on `recv` and checks it against

@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use crate::maildir::NewMessage;
 use crate::state::{State, StateError, desired_name, view};
 use crate::{
-    ClientError, Connection, Endpoint, LogItem, Maildir, MaildirError, Profile, ProfileError,
+    ClientError, Connection, Endpoint, LogItem, LogStream, Maildir, MaildirError, Profile,
+    ProfileError,
 };
 
 /// Tag requests in flight at once when sending local changes.
@@ -635,15 +636,15 @@ fn plan_batch<'b>(
     })
 }
 
-/// Reads log items into batches until `Live` (oneshot) or forever (`watch`).
+/// Reads log items into batches: with `until`, up to `Live` and at least to that offset
+/// (records this sync itself caused, pushed after `Live`); without, forever (`watch`).
 async fn stream_into(
-    conn: &Connection,
+    mut log: LogStream,
     from: LogOffset,
     writer: &Writer,
     progress: &Progress,
-    watch: bool,
+    until: Option<LogOffset>,
 ) -> Result<u64, SyncError> {
-    let mut log = conn.log(from, true).await?;
     let mut batch = Batch::new(from);
     let mut batches = 0u64;
     let mut records = 0u64;
@@ -682,7 +683,7 @@ async fn stream_into(
                 // The writer stopped: its error is reported by the caller.
                 return Ok(records);
             }
-            if !watch && live {
+            if until.is_some_and(|u| live && cursor >= u) {
                 return Ok(records);
             }
         }
@@ -709,10 +710,13 @@ pub async fn sync_once(
     let started = Instant::now();
     check_profile(profile)?;
     let cursor = profile.cursor()?;
-    let conn = endpoint.connect(&profile.login).await?;
+    // The Log request goes with Auth; its records wait in the stream's receive window
+    // while local changes are sent.
+    let (conn, log) = endpoint.connect_with_log(&profile.login, cursor).await?;
     let mut head = conn.head_at_auth;
     if push_local_changes(profile, &conn, &progress).await? > 0 {
-        // Our own changes are now records too: read them back like any other.
+        // Our own changes are now records too: read them back like any other (they
+        // follow `Live` on the same stream).
         head = conn.head().await?;
     }
     progress.head.store(head, Ordering::Relaxed);
@@ -731,7 +735,7 @@ pub async fn sync_once(
         });
     }
     let writer = spawn_writer(profile.clone(), progress.clone());
-    let streamed = stream_into(&conn, cursor, &writer, &progress, false).await;
+    let streamed = stream_into(log, cursor, &writer, &progress, Some(head)).await;
     let stream_end = started.elapsed();
     let written = finish_writer(writer).await;
     tracing::debug!(
@@ -774,7 +778,7 @@ pub async fn watch(
         let connected = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
             let cursor = profile.cursor()?;
-            let conn = endpoint.connect(&profile.login).await?;
+            let (conn, log) = endpoint.connect_with_log(&profile.login, cursor).await?;
             if cursor > conn.head_at_auth {
                 return Err(SyncError::CursorAhead {
                     cursor,
@@ -794,7 +798,7 @@ pub async fn watch(
                 }
             };
             let streamed = tokio::select! {
-                r = stream_into(&conn, cursor, &writer, &progress, true) => r,
+                r = stream_into(log, cursor, &writer, &progress, None) => r,
                 r = local => r,
             };
             let written = finish_writer(writer).await;

@@ -141,6 +141,22 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
     }
     assert!(matches!(log.next().await.unwrap(), LogItem::Live(1000)));
     drop(log);
+    // A Log request sent in the same flight as Auth (resumed: in 0-RTT data) is served
+    // once Auth succeeds, from the offset asked.
+    let ep = Endpoint::new(&server.fingerprint).unwrap();
+    for resumed in [false, true] {
+        let (conn, mut log) = ep.connect_with_log(&login, 999).await.unwrap();
+        assert_eq!((conn.zero_rtt, conn.head_at_auth), (resumed, N as u64));
+        match log.next().await.unwrap() {
+            LogItem::Entry(e, Some(bytes)) => {
+                assert_eq!(e.offset, 999);
+                assert_eq!(Some(BlobHash::of(&bytes)), e.record.hash());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(log.next().await.unwrap(), LogItem::Live(1000)));
+        conn.close();
+    }
 
     // Revoking a device closes its open connections (and its secret stops working).
     let lost_laptop = server.account("ann");
@@ -162,6 +178,16 @@ async fn thousand_concurrent_stores_fetch_back_and_push_live() {
             .connect(&lost_laptop)
             .await
             .is_err()
+    );
+    // With a Log request in the first flight, the refusal is still an authentication error.
+    let refused = Endpoint::new(&server.fingerprint)
+        .unwrap()
+        .connect_with_log(&lost_laptop, 0)
+        .await;
+    assert!(
+        matches!(refused, Err(ClientError::Auth(_))),
+        "{:?}",
+        refused.map(|_| ())
     );
     assert_eq!(
         c1.head().await.unwrap(),
