@@ -1076,10 +1076,11 @@ async fn open_watching(ep: &Endpoint, login: &LoginUrl) -> anyhow::Result<(Conne
     }
 }
 
+/// A UDP port for a server process, below the ephemeral range so that no socket bound to
+/// port 0 takes it first (`postlog_net::port_below_ephemeral`).
 fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    postlog_net::port_below_ephemeral(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
+        .context("no free UDP port below the ephemeral range")
 }
 
 const MIB: f64 = 1024.0 * 1024.0;

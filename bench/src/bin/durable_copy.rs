@@ -73,8 +73,10 @@ fn main() -> anyhow::Result<()> {
     fsync_dir(&cur)?;
     fsync_dir(&tmp)?;
     fsync_dir(&args.to)?;
-    if let Some(parent) = args.to.parent() {
-        fsync_dir(parent)?;
+    // A relative `--to` with one component has the parent "" (the current directory).
+    match args.to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => fsync_dir(p)?,
+        _ => fsync_dir(Path::new("."))?,
     }
     let total = started.elapsed();
 

@@ -147,6 +147,32 @@ pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSock
     Ok(sock.into())
 }
 
+/// A port that `free` finds free, chosen at random below the kernel's ephemeral range
+/// (the first port of `/proc/sys/net/ipv4/ip_local_port_range`, 32,768 if unreadable) and
+/// from 10,000 up; `None` after 1,000 tries. For tests and benchmarks that hand a port to a
+/// server process: a port the kernel handed out for a bind to port 0, once released, can be
+/// handed to any other socket bound to port 0 (every client endpoint binds one) before the
+/// server binds it, which then fails with "Address already in use" (seen in CI). Sockets
+/// bound to port 0 never get a port below the ephemeral range.
+pub fn port_below_ephemeral(free: impl Fn(u16) -> bool) -> Option<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+        .max(10_001);
+    let span = u64::from(first_ephemeral - 10_000);
+    // Randomly keyed SipHash of a counter: a random sequence without a random-number crate.
+    let key = std::collections::hash_map::RandomState::new();
+    (0..1000u32).find_map(|i| {
+        let mut h = key.build_hasher();
+        h.write_u32(i);
+        // Below `first_ephemeral` by construction.
+        let port = 10_000 + u16::try_from(h.finish() % span).ok()?;
+        free(port).then_some(port)
+    })
+}
+
 /// The ring crypto provider, the only one Postlog links.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -217,4 +243,32 @@ pub fn generate_self_signed(hostnames: Vec<String>) -> Result<SelfSigned, rcgen:
         cert_pem: certified.cert.pem(),
         key_pem: certified.key_pair.serialize_pem(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_below_the_ephemeral_range_and_free() {
+        let first = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768)
+            .max(10_001);
+        let tried = std::cell::RefCell::new(Vec::new());
+        // Refuses the first 9 ports it is offered: the 10th is taken.
+        let port = port_below_ephemeral(|p| {
+            tried.borrow_mut().push(p);
+            tried.borrow().len() == 10
+        });
+        let tried = tried.into_inner();
+        assert_eq!(port, tried.last().copied());
+        assert!(
+            tried.iter().all(|p| (10_000..first).contains(p)),
+            "{tried:?}"
+        );
+        assert!(tried.iter().collect::<std::collections::HashSet<_>>().len() > 1);
+        assert_eq!(port_below_ephemeral(|_| false), None);
+    }
 }

@@ -15,31 +15,12 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_postlog")
 }
 
-/// A UDP port for a server that was free a moment ago (see [`port_below_ephemeral`]).
+/// A UDP port for a server that was free a moment ago, below the ephemeral range
+/// (`postlog_net::port_below_ephemeral`: a port from a bind to port 0 raced with the test's
+/// own client endpoints in CI).
 pub fn free_port() -> u16 {
-    port_below_ephemeral(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
-}
-
-/// A port that `free` finds free, chosen below the kernel's ephemeral range
-/// (`ip_local_port_range`). Regression (CI, session 7): a port the kernel had just handed
-/// out for `127.0.0.1:0` was taken again, before the server bound it, by a client endpoint
-/// bound to `0.0.0.0:0` (every client binds one), and the server exited with "Address
-/// already in use". Sockets bound to port 0 never get a port below the range.
-fn port_below_ephemeral(free: impl Fn(u16) -> bool) -> u16 {
-    use rand::Rng;
-    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768)
-        .max(10_001);
-    let mut rng = rand::thread_rng();
-    for _ in 0..1000 {
-        let port = rng.gen_range(10_000..first_ephemeral);
-        if free(port) {
-            return port;
-        }
-    }
-    panic!("no free port below {first_ephemeral}");
+    postlog_net::port_below_ephemeral(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok())
+        .expect("no free UDP port below the ephemeral range")
 }
 
 /// Whether this run uses PostgreSQL + S3 (`POSTLOG_TEST_BACKEND=postgres`, with the
@@ -261,9 +242,10 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A TCP port for a server that was free a moment ago (see [`port_below_ephemeral`]).
+/// A TCP port for a server that was free a moment ago (see [`free_port`]).
 pub fn free_tcp_port() -> u16 {
-    port_below_ephemeral(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+    postlog_net::port_below_ephemeral(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+        .expect("no free TCP port below the ephemeral range")
 }
 
 /// The certificate fingerprint of a data directory's server (created on first start).
