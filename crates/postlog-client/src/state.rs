@@ -256,6 +256,32 @@ impl State {
         Ok(())
     }
 
+    /// A message's recorded file name (`None`: no file here) and tag state, in one lookup.
+    pub fn message_of(conn: &Connection, hash: &BlobHash) -> Result<(Option<String>, TagState)> {
+        let row: Option<(Option<String>, Option<Vec<u8>>)> = conn
+            .prepare_cached("SELECT name, dots FROM messages WHERE hash = ?1")?
+            .query_row([hash.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (name, dots) = row.unwrap_or_default();
+        Ok((name, decode_dots(dots.as_deref().unwrap_or_default())?))
+    }
+
+    /// Writes a message's file name and tag state in one statement (the sync engine's
+    /// per-message write; [`State::set_name`] and [`State::put_tags`] each write one column).
+    pub fn put_message(
+        conn: &Connection,
+        hash: &BlobHash,
+        name: Option<&str>,
+        state: &TagState,
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO messages (hash, name, dots) VALUES (?1, ?2, ?3)
+             ON CONFLICT(hash) DO UPDATE SET name = excluded.name, dots = excluded.dots",
+        )?
+        .execute(params![hash.0.as_slice(), name, encode_dots(state)])?;
+        Ok(())
+    }
+
     /// The file name recorded for a message (`None` if it has no file here).
     pub fn name_of(conn: &Connection, hash: &BlobHash) -> Result<Option<String>> {
         Ok(conn
@@ -890,6 +916,35 @@ mod tests {
         assert_eq!(
             tags_of_name("cur", "abc:2,FST"),
             ["deleted".to_string(), "flagged".to_string()].into()
+        );
+    }
+
+    #[test]
+    fn put_message_writes_name_and_tags_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::open(dir.path()).unwrap();
+        let (h, g) = (BlobHash([3; 32]), BlobHash([4; 32]));
+        let c = st.conn();
+        assert_eq!(State::message_of(c, &h).unwrap().0, None);
+        let mut tags = TagState::default();
+        tags.apply_store(7, &t(&["inbox", "unread"]));
+        State::put_message(c, &h, Some("new/x"), &tags).unwrap();
+        // A message with tags but no file here.
+        State::put_message(c, &g, None, &tags).unwrap();
+        let (name, got) = State::message_of(c, &h).unwrap();
+        assert_eq!(
+            (name.as_deref(), got.tags()),
+            (Some("new/x"), t(&["inbox", "unread"]))
+        );
+        assert_eq!(State::message_of(c, &g).unwrap().0, None);
+        assert_eq!(st.count_messages().unwrap(), 1);
+        // A second write replaces both columns.
+        tags.apply_op(8, &[], &t(&["unread"]), 7, 1);
+        State::put_message(st.conn(), &h, Some("cur/x:2,S"), &tags).unwrap();
+        let (name, got) = State::message_of(st.conn(), &h).unwrap();
+        assert_eq!(
+            (name.as_deref(), got.tags()),
+            (Some("cur/x:2,S"), t(&["inbox"]))
         );
     }
 

@@ -503,7 +503,8 @@ fn plan_batch<'b>(
     batch: &'b Batch,
     device: u64,
 ) -> Result<Planned<'b>, SyncError> {
-    let mut touched: BTreeMap<BlobHash, TagState> = BTreeMap::new();
+    // Each message the batch touches: its tag state and recorded file name.
+    let mut touched: BTreeMap<BlobHash, (TagState, Option<String>)> = BTreeMap::new();
     let mut blobs: HashMap<BlobHash, &[u8]> = HashMap::new();
     // Deleted messages and the file each had.
     let mut removed: Vec<(BlobHash, Option<String>)> = Vec::new();
@@ -534,9 +535,12 @@ fn plan_batch<'b>(
             hash,
             matches!(entry.record, Record::Store { .. }),
         )?;
-        let st = match touched.entry(*hash) {
+        let (st, _) = match touched.entry(*hash) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::btree_map::Entry::Vacant(v) => v.insert(State::tags_of(tx, hash)?),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let (name, st) = State::message_of(tx, hash)?;
+                v.insert((st, name))
+            }
         };
         match &entry.record {
             Record::Store { tags, .. } => {
@@ -585,12 +589,13 @@ fn plan_batch<'b>(
             removed: true,
         });
     }
-    for (hash, st) in &touched {
+    for (hash, (st, recorded)) in &touched {
         let tags = view(st.tags(), overlay.get(hash));
-        let recorded = State::name_of(tx, hash)?;
+        // The name to record: the recorded one unless this batch renames or writes the file.
+        let mut name = recorded.clone();
         // A file gone from its recorded name was renamed by a mail reader during this
         // batch: the next scan turns that into an operation; renaming it now could undo it.
-        let current = recorded.filter(|n| maildir.exists(n));
+        let current = recorded.clone().filter(|n| maildir.exists(n));
         let mut event = Touched {
             hash: *hash,
             name: None,
@@ -604,7 +609,7 @@ fn plan_batch<'b>(
                 let want = desired_name(hash, &tags, Some(&current));
                 if want != current && maildir.rename(&current, &want)? {
                     renamed = true;
-                    State::set_name(tx, hash, &want)?;
+                    name = Some(want.clone());
                     event.name = Some(want);
                     event.renamed_from = Some(current);
                 } else {
@@ -613,19 +618,19 @@ fn plan_batch<'b>(
             }
             None => {
                 if let Some(bytes) = blobs.get(hash) {
-                    let name = desired_name(hash, &tags, None);
-                    State::set_name(tx, hash, &name)?;
+                    let file = desired_name(hash, &tags, None);
+                    name = Some(file.clone());
                     new_files.push(NewMessage {
                         hash: *hash,
                         bytes,
-                        name: name.clone(),
+                        name: file.clone(),
                     });
-                    event.name = Some(name);
+                    event.name = Some(file);
                     event.new_file = true;
                 }
             }
         }
-        State::put_tags(tx, hash, st)?;
+        State::put_message(tx, hash, name.as_deref(), st)?;
         event.tags = tags;
         events.push(event);
     }
