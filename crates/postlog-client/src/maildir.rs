@@ -321,11 +321,14 @@ impl Maildir {
         let mut placed = 0;
         let mut rename_all = || {
             for m in batch {
-                if !seen.insert(m.hash) || self.exists(&m.name) {
+                if !seen.insert(m.hash) {
                     continue;
                 }
                 let t = tmp_path(&tmp, &m.hash);
                 if !ready.remove(&m.hash) {
+                    if self.exists(&m.name) {
+                        continue;
+                    }
                     // Not prepared (the sync engine prepares every message it places):
                     // made durable here, on its own.
                     claimed_here.push(m.hash);
@@ -335,8 +338,13 @@ impl Maildir {
                     }
                 }
                 let dest = self.root.join(&m.name);
-                std::fs::rename(&t, &dest).map_err(err(&dest))?;
-                placed += 1;
+                match rename_new(&t, &dest).map_err(err(&dest))? {
+                    true => placed += 1,
+                    // Already there (a batch replayed after a crash): same name, same bytes.
+                    false => {
+                        let _ = std::fs::remove_file(&t);
+                    }
+                }
             }
             match placed {
                 0 => Ok(()),
@@ -409,6 +417,24 @@ const PER_FILE_FSYNC_MAX: usize = 4;
 /// Where a message is written in `tmp/` before it is renamed into place.
 fn tmp_path(tmp: &Path, hash: &BlobHash) -> PathBuf {
     tmp.join(format!("{TMP_PREFIX}{hash}"))
+}
+
+/// Renames `from` to `to` unless `to` exists: `false` if it does. One `renameat2` with
+/// `RENAME_NOREPLACE` where the file system has it (ext4, XFS, Btrfs, tmpfs), instead of a
+/// `stat` and a rename; elsewhere (`EINVAL`) the `stat` and the rename.
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<bool> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            if to.exists() {
+                return Ok(false);
+            }
+            std::fs::rename(from, to).map(|()| true)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes `bytes` to a new file at `path`, fsyncing it if `sync`.
@@ -568,6 +594,13 @@ mod tests {
         ];
         assert_eq!(md.write_batch(&batch).unwrap(), 2);
         assert_eq!(md.write_batch(&batch).unwrap(), 0);
+        // A prepared file whose message is already in place (a batch replayed after a
+        // crash): not counted, its tmp/ file removed, the file in place untouched.
+        let prepared = md.prepare([(&ha, a.as_slice())]).unwrap();
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 1);
+        assert_eq!(md.place(&batch[..1], prepared).unwrap(), 0);
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+        assert_eq!(std::fs::read(root.join(format!("new/{ha}"))).unwrap(), a);
         std::fs::write(root.join("tmp").join("postlog.leftover"), b"x").unwrap();
         let md = Maildir::open(&root).unwrap();
         assert_eq!(md.count().unwrap(), 2);
