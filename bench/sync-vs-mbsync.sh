@@ -386,7 +386,7 @@ if ((N >= 50000)); then
     # journal (this machine's) does not reuse an inode freed less than 60 s ago (300 s
     # more while its inode-table block is dirty; `recently_deleted` in fs/ext4/ialloc.c),
     # so each new file first walks past the freed ones. A client profile taken 2 s after
-    # removing 10,000 files spent a third of its samples there (find_get_block_common,
+    # removing 10,000 files spent ~45% of its samples there (find_get_block_common,
     # recently_deleted, and lock spinning behind them). After `sync` the blocks are clean.
     log "removing the warm-up copies (then 65 s for the file system's recently-freed inodes)"
     rm -rf "$W/warm"
