@@ -274,7 +274,10 @@ impl Maildir {
             .into_iter()
             .filter(|(h, _)| seen.insert(**h))
             .collect();
-        let per_file = todo.len() <= PER_FILE_FSYNC_MAX;
+        let own: u64 = todo.iter().map(|(_, b)| b.len() as u64).sum();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let barrier = choose_barrier(todo.len(), own, meminfo.as_deref());
+        let per_file = barrier == Barrier::EachFile;
         let mut prepared = Prepared {
             hashes: Vec::with_capacity(todo.len()),
         };
@@ -290,9 +293,15 @@ impl Maildir {
             }
             Ok(())
         });
-        let durable = written.and_then(|()| match per_file || prepared.hashes.is_empty() {
-            true => Ok(()),
-            false => {
+        let durable = written.and_then(|()| match barrier {
+            _ if prepared.hashes.is_empty() => Ok(()),
+            Barrier::EachFile => Ok(()),
+            Barrier::Threads => {
+                let paths: Vec<PathBuf> =
+                    prepared.hashes.iter().map(|h| tmp_path(&tmp, h)).collect();
+                fsync_in_threads(&paths)
+            }
+            Barrier::Syncfs => {
                 let dir = std::fs::File::open(&tmp).map_err(err(&tmp))?;
                 rustix::fs::syncfs(&dir).map_err(|e| MaildirError {
                     path: tmp.clone(),
@@ -413,6 +422,71 @@ impl Maildir {
 /// Batches of at most this many files are made durable file by file (fsync each), larger
 /// ones with one syncfs barrier.
 const PER_FILE_FSYNC_MAX: usize = 4;
+
+/// How a batch's `tmp/` files are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Barrier {
+    /// An fsync per file as it is taken (a few files).
+    EachFile,
+    /// One `syncfs`: one flush for the whole batch, but it also writes every other
+    /// program's dirty data on the file system.
+    Syncfs,
+    /// An fsync per file from [`FSYNC_THREADS`] threads, when other programs have much
+    /// dirty data. Measured with 100 files of 50 KB: `syncfs` 6–7 ms with nothing else
+    /// dirty and 580–680 ms with 1 GB of another program's data dirty; fsyncs from 8
+    /// threads 15–23 ms either way (one thread: 25–55 ms).
+    Threads,
+}
+
+/// Other programs' dirty and under-writeback data above which a batch is not made durable
+/// with `syncfs` (the page cache's own background writeback starts at 10% of memory).
+const OTHER_DIRTY_MAX: u64 = 64 * 1024 * 1024;
+/// Threads that fsync a batch's files when `syncfs` would flush too much else.
+const FSYNC_THREADS: usize = 8;
+
+/// The barrier for a batch of `files` files of `own` bytes, given the text of
+/// /proc/meminfo (`None`: unknown, `syncfs` as before).
+fn choose_barrier(files: usize, own: u64, meminfo: Option<&str>) -> Barrier {
+    if files <= PER_FILE_FSYNC_MAX {
+        return Barrier::EachFile;
+    }
+    let kib = |key: &str| -> Option<u64> {
+        let line = meminfo?.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].split_whitespace().next()?.parse().ok()
+    };
+    match (kib("Dirty:"), kib("Writeback:")) {
+        (Some(d), Some(w)) if (d + w) * 1024 > own.saturating_add(OTHER_DIRTY_MAX) => {
+            Barrier::Threads
+        }
+        _ => Barrier::Syncfs,
+    }
+}
+
+/// Fsyncs every file in `paths`, from up to [`FSYNC_THREADS`] threads at once.
+fn fsync_in_threads(paths: &[PathBuf]) -> Result<()> {
+    let threads = paths.len().clamp(1, FSYNC_THREADS);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|i| {
+                s.spawn(move || {
+                    paths
+                        .iter()
+                        .skip(i)
+                        .step_by(threads)
+                        .try_for_each(|p| fsync_path(p))
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join().unwrap_or_else(|_| {
+                Err(MaildirError {
+                    path: paths.first().cloned().unwrap_or_default(),
+                    source: std::io::Error::other("an fsync thread panicked"),
+                })
+            })
+        })
+    })
+}
 
 /// Where a message is written in `tmp/` before it is renamed into place.
 fn tmp_path(tmp: &Path, hash: &BlobHash) -> PathBuf {
@@ -565,6 +639,49 @@ mod tests {
         md.stager().stage(0, &hashes[5], &msgs[5]);
         assert_eq!(tmp_files(&root), 1);
         assert_eq!(md.count().unwrap(), 4);
+    }
+
+    #[test]
+    fn the_barrier_avoids_syncfs_when_others_have_much_dirty_data() {
+        let info = |dirty_kib: u64, wb_kib: u64| {
+            format!("MemTotal: 24000000 kB\nDirty:  {dirty_kib} kB\nWriteback: {wb_kib} kB\n")
+        };
+        let mib = 1024 * 1024;
+        assert_eq!(choose_barrier(4, mib, None), Barrier::EachFile);
+        assert_eq!(choose_barrier(100, 5 * mib, None), Barrier::Syncfs);
+        assert_eq!(
+            choose_barrier(100, 5 * mib, Some("garbage")),
+            Barrier::Syncfs
+        );
+        // Only this batch's own 5 MiB (and a little more) dirty: one syncfs.
+        assert_eq!(
+            choose_barrier(100, 5 * mib, Some(&info(6 * 1024, 0))),
+            Barrier::Syncfs
+        );
+        // A gigabyte of someone else's data waiting: fsync the batch's own files.
+        assert_eq!(
+            choose_barrier(100, 5 * mib, Some(&info(900 * 1024, 124 * 1024))),
+            Barrier::Threads
+        );
+    }
+
+    #[test]
+    fn prepared_files_are_durable_through_the_threads_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..20)
+            .map(|i| {
+                let p = dir.path().join(format!("f{i}"));
+                std::fs::write(&p, b"x").unwrap();
+                p
+            })
+            .collect();
+        fsync_in_threads(&paths).unwrap();
+        let mut missing = paths.clone();
+        missing.push(dir.path().join("gone"));
+        assert!(
+            fsync_in_threads(&missing).is_err(),
+            "a missing file is an error"
+        );
     }
 
     #[test]
