@@ -4,7 +4,7 @@
 //! `cur/<hash>:2,<flags>`. A batch is written into `tmp/` (files named `postlog.<hash>`),
 //! made durable with one filesystem barrier (`syncfs`; a batch of a few files, such as one
 //! pushed message, fsyncs each file instead, and so does a batch written while other
-//! programs have much dirty data, from several threads: see [`Barrier`]), renamed into
+//! programs have much dirty data, from several threads: see `Barrier`), renamed into
 //! place, and then the two
 //! directories are fsynced. A crash leaves at most `tmp/postlog.*` files, removed on open.
 //! The first half ([`Maildir::prepare`]) needs no names, so the sync engine runs it beside
